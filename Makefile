@@ -1,0 +1,54 @@
+# attnbench — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# The CPU wheel of torch is pinned here so a fresh install does not pull a multi-GB CUDA build.
+# On a CUDA machine: install your torch first, then `make install TORCH_CONSTRAINT=`.
+TORCH_CONSTRAINT ?= -c constraints/cpu.txt
+GRID    ?= cpu
+EXP     ?= attnbench
+ARGS    ?=
+PARTITION ?=
+PORT    ?= 5000
+
+.PHONY: help install test test-all smoke sweep report ui server submit gpu-wheels gpu-check lint clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(BIN)/attnbench: pyproject.toml constraints/cpu.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	set -o pipefail; $(BIN)/pip install -q $(TORCH_CONSTRAINT) -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import torch, hydra, mlflow, pytorch_lightning; print('installed torch', torch.__version__)"
+	@touch $@
+
+install: $(BIN)/attnbench ## create .venv and install attnbench with its dependencies
+
+test: install ## run the fast test suite (slow and gpu tests excluded)
+	$(BIN)/pytest -q
+
+test-all: install ## run every CPU test, slow ones included
+	$(BIN)/pytest -q -m "not gpu"
+
+smoke: install ## toy-sized sweep of the whole pipeline (< 3 min)
+	$(BIN)/python -m pipeline.run -m grid=smoke $(ARGS)
+
+sweep: install ## the default CPU sweep (grid=cpu), then its report
+	$(BIN)/python -m pipeline.run -m grid=$(GRID) $(ARGS)
+
+report: install ## report of experiment EXP (latest run per cell) into reports/
+	$(BIN)/python -m pipeline.report --experiment $(EXP) $(ARGS)
+
+ui: install ## MLflow UI on 127.0.0.1:$(PORT) over the project's store
+	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}
+
+clean: ## remove Hydra outputs and caches (keeps mlflow.db and reports)
+	rm -rf outputs multirun .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+lint: install ## ruff over the code
+	$(BIN)/ruff check pipeline models tests

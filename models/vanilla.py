@@ -1,0 +1,60 @@
+"""Vanilla softmax attention: softmax(Q K^T / sqrt(K)) V with the T x T score matrix built.
+
+The textbook form (Vaswani et al. 2017, eq. 1). It is the reference the other variants are
+tested and scored against, and the O(T^2)-memory baseline of every benchmark.
+
+    attn = VanillaAttention(d_model=256, n_heads=4)
+    y_BTD = attn(x_BTD)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from models.base import SequenceMixer, causal_mask, exact_attention_flops
+
+
+class VanillaAttention(SequenceMixer):
+    exact = True
+    materialises_scores = True
+    time_order = 2.0
+    memory_order = 2.0
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool = True, bias: bool = False):
+        super().__init__(d_model, n_heads, causal)
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.out = nn.Linear(d_model, d_model, bias=bias)
+
+    def split_heads(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project and split into heads: three (B, H, T, K) tensors."""
+        B, T, _ = x_BTD.shape
+        qkv_BT3HK = self.qkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim)
+        q_BHTK, k_BHTK, v_BHTK = qkv_BT3HK.permute(2, 0, 3, 1, 4).unbind(0)
+        return q_BHTK, k_BHTK, v_BHTK
+
+    def merge_heads(self, y_BHTK: torch.Tensor) -> torch.Tensor:
+        B, H, T, K = y_BHTK.shape
+        return self.out(y_BHTK.transpose(1, 2).reshape(B, T, H * K))  # (B, T, D)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        q_BHTK, k_BHTK, v_BHTK = self.split_heads(x_BTD)
+        T = x_BTD.shape[1]
+        s_BHTT = (q_BHTK @ k_BHTK.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        if self.causal:
+            s_BHTT = s_BHTT.masked_fill(~causal_mask(T, x_BTD.device), float("-inf"))
+        p_BHTT = s_BHTT.softmax(dim=-1)
+        self.backend = "torch-matmul"
+        return self.merge_heads(p_BHTT @ v_BHTK)
+
+    def mixing_flops(self, batch: int, seq_len: int) -> float:
+        # counts the useful work; this kernel computes the masked half too (the report says so)
+        return exact_attention_flops(batch, self.n_heads, seq_len, self.head_dim, self.causal)
+
+    def memory_bytes(self, batch: int, seq_len: int, dtype_bytes: int = 4) -> int:
+        # scores, (masked scores), probabilities: ~3 live (B, H, T, T) tensors at the peak,
+        # plus O(T*D) projections
+        scores = 3 * batch * self.n_heads * seq_len**2
+        linear = 8 * batch * seq_len * self.d_model
+        return int((scores + linear) * dtype_bytes)

@@ -1,0 +1,263 @@
+"""How attnbench measures: wall time with warm-up and repeats, peak memory with a clean start,
+FLOPs (analytic and counted) and the machine's GEMM peak.
+
+    samples = time_calls(fn, device, warmup=2, min_repeats=5, min_time_s=1.0)
+    with PeakMemory(device) as pm:
+        fn()
+    pm.peak_mb, pm.method
+
+Why not `torch.utils.benchmark.Timer`: its `blocked_autorange` reports per-block means, while a
+cell here keeps every single call as a raw sample (logged as an artifact), and needs the explicit
+"at least N calls and at least S seconds" stopping rule of the scenario config.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import platform
+import socket
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# --- device helpers -----------------------------------------------------------
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued device work, so host clocks measure it (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model_name()
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# --- timing -------------------------------------------------------------------
+
+
+def time_calls(
+    fn: Callable[[], object],
+    device: torch.device | str,
+    warmup: int = 2,
+    min_repeats: int = 5,
+    min_time_s: float = 1.0,
+    max_time_s: float = 30.0,
+) -> list[float]:
+    """Milliseconds of each timed call of `fn`: `warmup` untimed calls, then calls until both
+    `min_repeats` calls and `min_time_s` seconds are reached (or `max_time_s` passes; at least
+    one call is always timed). The device is synchronised around every call; on CUDA the time
+    comes from CUDA events, which time the device work itself."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    use_events = device.type == "cuda"
+    samples: list[float] = []
+    start = time.perf_counter()
+    while True:
+        if use_events:
+            t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0.record()
+            fn()
+            t1.record()
+            t1.synchronize()
+            samples.append(t0.elapsed_time(t1))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        elapsed = time.perf_counter() - start
+        if len(samples) >= min_repeats and elapsed >= min_time_s:
+            break
+        if elapsed >= max_time_s:
+            break
+    return samples
+
+
+def summarize(samples_ms: list[float]) -> dict[str, float]:
+    """Median, interquartile range, min and count of raw samples (never a single mean)."""
+    if not samples_ms:
+        raise ValueError("no samples")
+    s = sorted(samples_ms)
+    if len(s) >= 2:
+        q = statistics.quantiles(s, n=4, method="inclusive")
+        iqr = q[2] - q[0]
+    else:
+        iqr = 0.0
+    return {"median": statistics.median(s), "iqr": iqr, "min": s[0], "count": float(len(s))}
+
+
+# --- memory -------------------------------------------------------------------
+
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+_STATUS = Path("/proc/self/status")
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def malloc_trim() -> bool:
+    """Hand freed heap pages back to the OS (glibc), so one phase's leftovers don't count in the
+    next phase's peak. Returns False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to /proc/self/clear_refs)."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemory:
+    """Peak memory of a region above what was resident when it began.
+
+    CUDA: `max_memory_allocated` after `reset_peak_stats` (and reserved, for the allocator's
+    cache). CPU: the process's resident high-water mark (VmHWM), reset through clear_refs after a
+    malloc_trim; where the reset is refused, the method says the figure is the whole-process
+    high-water mark since start, which includes earlier phases.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.peak_mb = float("nan")
+        self.reserved_mb = float("nan")
+        self.method = ""
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            self._base_reserved = torch.cuda.memory_reserved(self.device)
+            self.method = "cuda.max_memory_allocated"
+        else:
+            trimmed = malloc_trim()
+            self._base = (_status_kb("VmRSS") or 0) * 1024
+            reset = _reset_hwm()
+            self.method = "VmHWM+clear_refs" if reset else "VmHWM-since-start"
+            if trimmed:
+                self.method += "+malloc_trim"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        sync(self.device)
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+            self.peak_mb = (peak - self._base) / 2**20
+            self.reserved_mb = (torch.cuda.max_memory_reserved(self.device) - self._base_reserved) / 2**20
+        else:
+            hwm = _status_kb("VmHWM")
+            self.peak_mb = ((hwm or 0) * 1024 - self._base) / 2**20 if hwm else float("nan")
+
+
+def available_memory_bytes(device: torch.device | str) -> int:
+    """Memory a cell could use now: free GPU memory, or the OS's available RAM."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def total_memory_bytes(device: torch.device | str) -> int:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+# --- FLOPs --------------------------------------------------------------------
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs `torch.utils.flop_counter` sees in one call. A cross-check only: it counts 0 for
+    kernels it has no formula for (e.g. SDPA's CPU flash kernel) and the full square for masked
+    causal matmuls, so a 0 here means "not counted", never "no work"."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def score_macs(n: int, d: int) -> int:
+    """Multiply-adds of one QK^T score matrix over the full width d: n^2 * d (the seed figure)."""
+    return n * n * d
+
+
+def score_entries(n: int) -> int:
+    return n * n
+
+
+def _peak_cache() -> Path:
+    return Path(os.environ.get("ATTNBENCH_CACHE", Path.home() / ".cache" / "attnbench")) / "gemm_peak.json"
+
+
+def gemm_peak_tflops(device: torch.device | str, dtype: torch.dtype, size: int = 2048) -> float:
+    """The machine's measured dense GEMM rate (TFLOP/s): median of torch.mm size^3 products.
+    Cached per host, device, dtype, thread count and torch version, so every cell of a sweep
+    compares against the same figure."""
+    device = torch.device(device)
+    key = "|".join(
+        [socket.gethostname(), device_name(device), str(dtype), str(torch.get_num_threads()),
+         torch.__version__, str(size)]
+    )
+    cache, cache_file = {}, _peak_cache()
+    if cache_file.exists():
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, ValueError):
+            cache = {}
+    if key in cache:
+        return float(cache[key])
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    samples = time_calls(lambda: torch.mm(a, b), device, warmup=3, min_repeats=10, min_time_s=0.5)
+    peak = 2 * size**3 / (summarize(samples)["median"] * 1e-3) / 1e12
+    cache[key] = peak
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(cache_file)
+    except OSError:
+        pass
+    return peak

@@ -1,0 +1,55 @@
+"""Variant discovery and construction: the variants are whatever `conf/model/*.yaml` lists.
+
+    names = discover_variants()             # ["longformer", "performer", ...]
+    mixer = build_mixer(model_cfg, d_model=256, n_heads=4, causal=True)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = REPO_ROOT / "conf"
+
+# keys of a conf/model/*.yaml that describe the variant rather than construct it
+_META_KEYS = ("name",)
+
+
+def discover_variants(conf_dir: Path = CONF_DIR) -> list[str]:
+    """Names of every variant config in conf/model/, sorted. Fails loudly when there are none."""
+    names = sorted(p.stem for p in (conf_dir / "model").glob("*.yaml"))
+    if not names:
+        raise RuntimeError(f"no variant configs found in {conf_dir / 'model'}")
+    return names
+
+
+def load_variant_cfg(name: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
+    """The plain dict of conf/model/<name>.yaml (for tests and tools outside Hydra)."""
+    from omegaconf import OmegaConf
+
+    path = conf_dir / "model" / f"{name}.yaml"
+    if not path.exists():
+        raise ValueError(f"unknown variant {name!r}; choose one of {discover_variants(conf_dir)}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def mixer_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor part of a model config: everything but the descriptive keys."""
+    return {k: v for k, v in dict(model_cfg).items() if k not in _META_KEYS}
+
+
+def build_mixer(model_cfg: Mapping[str, Any], d_model: int, n_heads: int, causal: bool = True):
+    """Instantiate the mixer a model config names (`_target_` plus its own knobs)."""
+    from hydra.utils import instantiate
+
+    return instantiate(mixer_kwargs(model_cfg), d_model=d_model, n_heads=n_heads, causal=causal)
+
+
+def mixer_factory(model_cfg: Mapping[str, Any], causal: bool = True):
+    """A callable (d_model, n_heads) -> mixer, for backbones that build one mixer per block."""
+    cfg = dict(model_cfg)
+
+    def make(d_model: int, n_heads: int):
+        return build_mixer(cfg, d_model=d_model, n_heads=n_heads, causal=causal)
+
+    return make

@@ -1,0 +1,49 @@
+"""Hydra entry point: one cell, or with `-m` a sweep of cells (pipeline/sweep.py).
+
+    python -m pipeline.run model=vanilla seq_len=2048          # one cell
+    python -m pipeline.run -m grid=smoke                       # a sweep
+    attnbench -m grid=cpu                                      # same, installed console script
+"""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.config import ConfigError, check_group_overrides, to_dict, validate
+
+
+def _fail(msg: str) -> None:
+    print(f"attnbench: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> str:
+    from pipeline.tracking import TrackingError
+
+    d = to_dict(cfg)
+    try:
+        validate(d)
+        from pipeline.cell import run_cell
+        from pipeline.sweep import sweep_info_for_job
+
+        return run_cell(d, sweep=sweep_info_for_job())
+    except (ConfigError, TrackingError) as e:
+        _fail(str(e))
+    return "error"
+
+
+def main() -> None:
+    from pipeline.tracking import TrackingError
+
+    try:
+        check_group_overrides(sys.argv[1:])
+        _hydra_main()
+    except (ConfigError, TrackingError) as e:  # raised by the sweeper before any cell runs
+        _fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""What a scenario is: a function run inside the cell's (child) process that fills a CellResult.
+
+A scenario never talks to MLflow: it returns numbers, and the parent process records them
+(pipeline/tracking.py is the one writer). Exceptions are classified by the cell runner:
+out-of-memory -> `oom`, `Diverged` -> `diverged`, anything else -> `error`.
+
+    @register("kernel")
+    def run_kernel(cfg, device, result): ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+SCENARIOS: dict[str, Callable] = {}
+
+
+def register(name: str):
+    def wrap(fn):
+        SCENARIOS[name] = fn
+        return fn
+
+    return wrap
+
+
+class Diverged(RuntimeError):
+    """Raised when a loss becomes non-finite; the cell is recorded with status `diverged`."""
+
+
+@dataclass
+class CellResult:
+    status: str = "ok"
+    failure_reason: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)  # one value each, e.g. kernel/fwd_ms
+    series: dict[str, list[float]] = field(default_factory=dict)  # per step, e.g. train/loss
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. backend, memory_method
+    params: dict[str, Any] = field(default_factory=dict)  # extra params, e.g. gemm peak
+    artifacts: dict[str, Any] = field(default_factory=dict)  # name.json -> JSON-able payload
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CellResult":
+        return cls(**d)

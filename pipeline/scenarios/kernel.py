@@ -1,0 +1,83 @@
+"""The `kernel` scenario: the sequence mixer alone, no backbone. Forward (no grad) and
+forward+backward timed separately, peak memory of each, FLOPs analytic and counted, achieved
+FLOP/s against the machine's measured GEMM peak.
+
+    python -m pipeline.run scenario=kernel model=vanilla seq_len=4096 backbone=small
+"""
+from __future__ import annotations
+
+import torch
+
+from pipeline.measure import PeakMemory, count_flops, gemm_peak_tflops, summarize, time_calls
+from pipeline.registry import build_mixer
+from pipeline.scenarios.base import CellResult, Diverged, register
+
+
+@register("kernel")
+def run_kernel(cfg, device: torch.device, result: CellResult) -> None:
+    sc, bb = cfg.scenario, cfg.backbone
+    dtype = getattr(torch, bb.dtype)
+    B, T, D = int(cfg.batch_size), int(cfg.seq_len), int(bb.d_model)
+    mixer = build_mixer(cfg.model, d_model=D, n_heads=bb.n_heads, causal=cfg.causal).to(device=device, dtype=dtype)
+    x_BTD = torch.randn(B, T, D, device=device, dtype=dtype)
+    timing = dict(warmup=int(sc.warmup), min_repeats=int(sc.min_repeats),
+                  min_time_s=float(sc.min_time_s), max_time_s=float(sc.max_time_s))
+
+    def fwd():
+        with torch.no_grad():
+            return mixer(x_BTD)
+
+    y_BTD = fwd()  # first call outside every measurement: lazy init, backend selection
+    if not torch.isfinite(y_BTD).all():
+        raise Diverged(f"non-finite output from {cfg.model.name} at n={T}")
+    del y_BTD
+    with PeakMemory(device) as pm:
+        fwd()
+    fwd_ms = time_calls(fwd, device, **timing)
+    backend = mixer.backend
+    s = summarize(fwd_ms)
+    m = result.metrics
+    m.update({"kernel/fwd_ms": s["median"], "kernel/fwd_ms_iqr": s["iqr"], "kernel/fwd_ms_min": s["min"],
+              "kernel/fwd_repeats": s["count"], "kernel/peak_mem_mb": pm.peak_mb})
+    result.tags.update({"backend": backend, "memory_method": pm.method})
+    if getattr(mixer, "fallback_reason", None):
+        result.tags["backend_note"] = str(mixer.fallback_reason)
+
+    flops = mixer.flops(B, T)
+    m.update({"kernel/flops_fwd_analytic": flops["total"], "kernel/flops_fwd_projection": flops["projection"],
+              "kernel/flops_fwd_mixing": flops["mixing"]})
+    if sc.get("count_flops", True):
+        counted = count_flops(fwd)
+        if counted > 0:  # 0 means the counter has no formula for the kernel that ran, not "no work"
+            m["kernel/flops_fwd"] = float(counted)
+        else:
+            result.tags["flops_counted_note"] = f"FlopCounterMode saw no FLOPs in backend {backend}"
+
+    peak = gemm_peak_tflops(device, dtype)
+    result.params["gemm_peak_tflops"] = round(peak, 4)
+    achieved = flops["total"] / (s["median"] * 1e-3) / 1e12
+    m.update({"kernel/tflops": achieved, "kernel/peak_fraction": achieved / peak})
+
+    samples = {"fwd_ms": fwd_ms}
+    fwdbwd_fits = result.params.get("predicted_mem_fwdbwd_mb", 0) <= result.params.get("budget_mem_mb", float("inf"))
+    if sc.get("fwdbwd", True) and not fwdbwd_fits:
+        result.tags["fwdbwd_skipped"] = (f"predicted {result.params['predicted_mem_fwdbwd_mb'] / 1024:.2f} GiB "
+                                         f"exceeds the budget {result.params['budget_mem_mb'] / 1024:.2f} GiB")
+    if sc.get("fwdbwd", True) and fwdbwd_fits:
+        x_req = x_BTD.detach().clone().requires_grad_(True)
+        g_BTD = torch.randn_like(x_BTD)
+
+        def fwdbwd():
+            mixer.zero_grad(set_to_none=True)
+            x_req.grad = None
+            mixer(x_req).backward(g_BTD)
+
+        fwdbwd()
+        with PeakMemory(device) as pm2:
+            fwdbwd()
+        fb_ms = time_calls(fwdbwd, device, **timing)
+        s2 = summarize(fb_ms)
+        m.update({"kernel/fwdbwd_ms": s2["median"], "kernel/fwdbwd_ms_iqr": s2["iqr"],
+                  "kernel/fwdbwd_ms_min": s2["min"], "kernel/peak_mem_fwdbwd_mb": pm2.peak_mb})
+        samples["fwdbwd_ms"] = fb_ms
+    result.artifacts["timings.json"] = samples

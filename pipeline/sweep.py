@@ -1,0 +1,176 @@
+"""The sweep: a union of cartesian grids, validated whole before any cell runs, launched through
+whatever Hydra launcher is configured (basic, submitit_local, slurm), under one MLflow parent run.
+
+Hydra's basic sweeper expands one cartesian product; a benchmark grid is several (the kernel
+grid over all variants and lengths, the quality grid at short lengths, the checkpointing axis at
+one length), so `hydra.sweeper.grids` lists them and this sweeper concatenates their cells:
+
+    hydra:
+      sweeper:
+        grids:
+          - {scenario: kernel, model: "glob(*)", seq_len: "512,1024"}
+          - {scenario: full, model: vanilla, seq_len: 128}
+
+Overrides given on the command line apply to every grid and replace a grid's value for the
+same key. With no `grids`, `params` (or just the command line) is one grid, as in Hydra.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import OmegaConf
+
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "attnbench_sweep.json"
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def expand_grids(parser: OverridesParser, grids: Sequence[dict[str, Any]], arguments: Sequence[str]) -> list[list[str]]:
+    """Every cell's override list: each grid's product, command-line keys replacing grid keys,
+    duplicates (the same cell in two grids) dropped, order kept."""
+    arg_keys = {_key(a) for a in arguments}
+    jobs: list[list[str]] = []
+    seen: set[tuple[str, ...]] = set()
+    for grid in grids or [{}]:
+        params = [f"{k}={v}" for k, v in grid.items() if _key(k) not in arg_keys] + list(arguments)
+        for job in BasicSweeper.split_arguments(parser.parse_overrides(params), None)[0]:
+            ident = tuple(sorted(job))
+            if ident not in seen:
+                seen.add(ident)
+                jobs.append(list(job))
+    return jobs
+
+
+class GridSweeper(BasicSweeper):
+    def __init__(self, max_batch_size: int | None = None, params: dict[str, str] | None = None,
+                 grids: list[dict[str, Any]] | None = None, report: bool = True) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.grids = [dict(g) for g in (grids or [])]
+        self.report = report
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from pipeline.config import ConfigError, to_dict, validate
+        from pipeline import tracking
+
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        grids = self.grids or [dict(self.params or {})]
+        jobs = expand_grids(parser, grids, arguments)
+        if not jobs:
+            print("attnbench: error: the grid is empty: no cell to run", file=sys.stderr)
+            sys.exit(2)
+
+        # compose and check every cell before the first one runs
+        for job in jobs:
+            cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
+            try:
+                validate(to_dict(cfg))
+            except ConfigError as e:
+                # one line, before any cell runs (Hydra would print a traceback for an exception)
+                print(f"attnbench: error: {e} (cell: {' '.join(job)})", file=sys.stderr)
+                sys.exit(2)
+
+        tcfg = self.config.get("tracking") or {}
+        try:
+            tr = tracking.Tracker(tracking.tracking_uri(tcfg.get("uri")), tcfg.get("experiment", "attnbench"))
+        except tracking.TrackingError as e:
+            print(f"attnbench: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        orphans = tr.mark_orphans()
+        if orphans:
+            print(f"[attnbench] marked {len(orphans)} orphaned RUNNING run(s) from killed processes as error")
+
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        grid_name = (self.config.hydra.runtime.choices or {}).get("grid") or "custom"
+        sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        parent = tr.create_run(f"sweep-{grid_name}-{sweep_id}", {
+            "sweep_id": sweep_id, "attnbench.role": "sweep", "grid": grid_name,
+            "status": "running", **tracking.host_tags()})
+        tr.log(parent, params={"grid": grid_name, "n_cells": len(jobs), "arguments": " ".join(arguments)})
+        tr.log_json(parent, {"grids": grids, "arguments": list(arguments), "cells": jobs}, "grid.json")
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"sweep_id": sweep_id, "parent_run_id": parent}))
+        print(f"[attnbench] sweep {sweep_id}: {len(jobs)} cells -> experiment '{tr.experiment}' at {tr.uri}", flush=True)
+
+        batch_size = self.max_batch_size or len(jobs)
+        returns = []
+        try:
+            for start in range(0, len(jobs), batch_size):
+                batch = jobs[start:start + batch_size]
+                results = self.launcher.launch(batch, initial_job_idx=start)
+                for r in results:
+                    _ = r.return_value  # re-raises a job's config/tracking error
+                returns.append(results)
+        except BaseException as e:
+            tr.log(parent, tags={"status": "error", "failure_reason": f"{type(e).__name__}: {e}"[:500]})
+            tr.end_run(parent, "error")
+            raise
+        self._finish(tr, parent, sweep_id, len(jobs))
+        return returns
+
+    def _finish(self, tr, parent: str, sweep_id: str, n_cells: int) -> None:
+        runs = tr.search(f"tags.sweep_id = '{sweep_id}'")
+        counts: dict[str, int] = {}
+        for r in runs:
+            if r.info.run_id != parent:
+                s = r.data.tags.get("status", "unknown")
+                counts[s] = counts.get(s, 0) + 1
+        reused = sum(1 for k in tr.client.get_run(parent).data.tags if k.startswith("reused/"))
+        summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
+        tr.log(parent, tags={"status": "ok", "cells": summary, "reused": str(reused)})
+        print(f"[attnbench] sweep {sweep_id} done: {summary}; {reused} reused from earlier runs", flush=True)
+        if self.report:
+            self._report(tr, parent, sweep_id)
+        tr.end_run(parent, "ok")
+        print(f"[attnbench] browse the runs: make ui   (mlflow ui --backend-store-uri {tr.uri})", flush=True)
+
+    def _report(self, tr, parent: str, sweep_id: str) -> None:
+        try:
+            from pipeline.report import build_report
+        except ImportError as e:
+            print(f"[attnbench] no report: {e}")
+            return
+        try:
+            out = build_report(experiment=tr.experiment, sweep_id=sweep_id, out_dir=None,
+                               budget_gb=None, tracking_uri=tr.uri)
+        except Exception as e:  # noqa: BLE001 - the cells are recorded; a report failure is reported, not fatal
+            tr.set_tag(parent, "report_error", f"{type(e).__name__}: {e}"[:500])
+            print(f"[attnbench] report failed: {type(e).__name__}: {e}")
+            return
+        for f in sorted(Path(out).iterdir()):
+            if f.is_file():
+                tr.log_file(parent, f, "report")
+        tr.set_tag(parent, "report_dir", str(out))
+        print(f"[attnbench] report: {Path(out) / 'report.html'}  (markdown: {Path(out) / 'report.md'})", flush=True)
+
+
+def sweep_info_for_job():
+    """Inside a job of a sweep: the SweepInfo the sweeper left in the sweep directory, or None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from pipeline.cell import SweepInfo
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    f = Path(hc.sweep.dir) / SWEEP_FILE
+    if not f.exists():
+        return None
+    return SweepInfo(**json.loads(f.read_text()))

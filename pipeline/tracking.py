@@ -1,0 +1,226 @@
+"""The one MLflow writer: store location, experiments, sweep (parent) and cell (child) runs,
+resume look-ups and orphan clean-up. Everything goes through `MlflowClient` with explicit run
+ids, so no global "active run" state leaks between cells.
+
+    uri = tracking_uri(None)                       # MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db
+    tr = Tracker(uri, "attnbench")
+    run_id = tr.start_cell("vanilla-n1024-kernel", params, tags, parent_run_id=None)
+    tr.finish_cell(run_id, result)
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Mapping, TypeVar
+
+from pipeline.registry import REPO_ROOT
+
+T = TypeVar("T")
+
+STATUSES = ("ok", "oom", "timeout", "error", "diverged", "skipped")
+# MLflow run status for each cell status: only `ok` is FINISHED, so resume never reuses a failure
+RUN_STATUS = {"ok": "FINISHED", "skipped": "FINISHED", "oom": "FAILED", "timeout": "FAILED",
+              "error": "FAILED", "diverged": "FAILED"}
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or written; one line saying which and why."""
+
+
+def default_store_uri() -> str:
+    return f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def tracking_uri(configured: str | None = None) -> str:
+    """Config value, else MLFLOW_TRACKING_URI, else the project's SQLite store (absolute path,
+    so every job of a sweep shares it whatever its working directory)."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri()
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside the database file; a server decides its own."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        return (db.parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
+def _retry(fn: Callable[[], T], what: str, tries: int = 8) -> T:
+    """SQLite allows one writer at a time: concurrent jobs see 'database is locked' now and then.
+    Retrying with back-off is what makes several jobs on one store lose nothing."""
+    delay = 0.1
+    for attempt in range(tries):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - MLflow wraps driver errors in several types
+            msg = str(e).lower()
+            transient = "locked" in msg or "busy" in msg or "unique constraint" in msg
+            if not transient or attempt == tries - 1:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+def check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, in one line, when an http(s) tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+            if r.status != 200:
+                raise TrackingError(f"tracking server {uri} answered HTTP {r.status} on /health")
+    except TrackingError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise TrackingError(f"tracking server {uri} is not reachable: {e}") from None
+
+
+@lru_cache(maxsize=1)
+def git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=5)
+        sha = out.stdout.strip()
+        if not sha:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def host_tags() -> dict[str, str]:
+    """Provenance the parent process knows without importing torch."""
+    return {"git_sha": git_sha(), "host": socket.gethostname(),
+            "xformers_version": package_version("xformers"), "pid": str(os.getpid())}
+
+
+def run_name(cfg: Mapping[str, Any]) -> str:
+    """`{model}-n{seq_len}-{scenario}` plus `-ckpt` when checkpointing (DESIGN §6)."""
+    name = f"{cfg['model']['name']}-n{cfg['seq_len']}-{cfg['scenario']['name']}"
+    if (cfg.get("trainer") or {}).get("grad_checkpointing"):
+        name += "-ckpt"
+    return name
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str):
+        from mlflow.tracking import MlflowClient
+
+        check_server(uri)
+        self.uri, self.experiment = uri, experiment
+        self.client = MlflowClient(tracking_uri=uri)
+        try:
+            self.experiment_id = _retry(self._ensure_experiment, "create experiment")
+        except TrackingError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise TrackingError(f"cannot open tracking store {uri}: {str(e).splitlines()[0]}") from None
+
+    def _ensure_experiment(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(self.experiment, artifact_location=artifact_root(self.uri))
+        except Exception:  # another process created it first
+            exp = self.client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    # --- runs -----------------------------------------------------------------
+    def create_run(self, name: str, tags: Mapping[str, str], parent_run_id: str | None = None) -> str:
+        tags = {k: str(v) for k, v in tags.items()}
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        run = _retry(lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=name), "create run")
+        return run.info.run_id
+
+    def log(self, run_id: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+            metrics: Mapping[str, float] | None = None, series: Mapping[str, list[float]] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        p = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in (params or {}).items()]
+        t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        m = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if v is not None]
+        for k, values in (series or {}).items():
+            m += [Metric(k, float(v), now, i) for i, v in enumerate(values)]
+        # log_batch limits: 100 params, 100 tags, 1000 metrics, 1000 entities per call
+        while p or t or m:
+            bp, p = p[:100], p[100:]
+            bt, t = t[:100], t[100:]
+            bm, m = m[: 1000 - len(bp) - len(bt)], m[1000 - len(bp) - len(bt):]
+            _retry(lambda: self.client.log_batch(run_id, metrics=bm, params=bp, tags=bt), "log")
+
+    def log_json(self, run_id: str, payload: Any, name: str) -> None:
+        _retry(lambda: self.client.log_dict(run_id, payload, name), "log artifact")
+
+    def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path), "log artifact")
+
+    def end_run(self, run_id: str, status: str) -> None:
+        _retry(lambda: self.client.set_terminated(run_id, RUN_STATUS.get(status, status)), "end run")
+
+    def set_tag(self, run_id: str, key: str, value: str) -> None:
+        _retry(lambda: self.client.set_tag(run_id, key, value), "set tag")
+
+    # --- look-ups ---------------------------------------------------------------
+    def search(self, filter_string: str, max_results: int = 1000) -> list:
+        from mlflow.entities import ViewType
+
+        return _retry(lambda: self.client.search_runs(
+            [self.experiment_id], filter_string, run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=max_results, order_by=["attributes.start_time DESC"]), "search")
+
+    def find_reusable(self, cfg_hash: str):
+        """The latest FINISHED run with this config_hash and status ok, or None."""
+        runs = self.search(f"tags.config_hash = '{cfg_hash}' and tags.status = 'ok' "
+                           f"and attributes.status = 'FINISHED'", max_results=1)
+        return runs[0] if runs else None
+
+    def find_family_oom(self, sweep_id: str, fam_hash: str, seq_len: int):
+        """A run of the same cell line in this sweep that ran out of memory at a shorter length."""
+        runs = self.search(f"tags.sweep_id = '{sweep_id}' and tags.family_hash = '{fam_hash}' "
+                           f"and tags.status = 'oom'")
+        shorter = [r for r in runs if int(r.data.params.get("seq_len", 0)) < seq_len]
+        return min(shorter, key=lambda r: int(r.data.params["seq_len"])) if shorter else None
+
+    def mark_orphans(self) -> list[str]:
+        """Runs left RUNNING by a process of this host that no longer exists (killed sweep):
+        recorded as status error and FAILED, so nothing stays RUNNING without a status."""
+        import psutil
+
+        host = socket.gethostname()
+        marked = []
+        for r in self.search("attributes.status = 'RUNNING'"):
+            tags = r.data.tags
+            if tags.get("host") != host or "pid" not in tags:
+                continue
+            if psutil.pid_exists(int(tags["pid"])):
+                continue
+            self.log(r.info.run_id, tags={"status": "error",
+                                          "failure_reason": f"orphaned: process {tags['pid']} exited before recording a result"})
+            self.end_run(r.info.run_id, "error")
+            marked.append(r.info.run_id)
+        return marked

@@ -1,0 +1,143 @@
+"""A cell end to end: its MLflow record, isolation, every failure status, pre-flight, resume,
+orphans, and the sweep's parent/child structure."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, compose, run_cli
+
+from pipeline.cell import run_cell
+from pipeline.config import to_dict
+from pipeline.registry import discover_variants
+from pipeline.tracking import Tracker
+
+FAST = ["scenario.min_time_s=0", "scenario.min_repeats=2", "scenario.warmup=1", "seq_len=32"]
+
+
+def cell(store_uri, experiment, *overrides):
+    return to_dict(compose([*FAST, f"tracking.uri={store_uri}", f"tracking.experiment={experiment}", *overrides]))
+
+
+def runs_of(store_uri, experiment, filter_string=""):
+    tr = Tracker(store_uri, experiment)
+    return tr.search(filter_string)
+
+
+def test_inline_cell_record(store_uri):
+    status = run_cell(cell(store_uri, "record", "isolate=false", "backbone=small"), quiet=True)
+    assert status == "ok"
+    (run,) = runs_of(store_uri, "record")
+    assert run.info.run_name == "vanilla-n32-kernel" and run.info.status == "FINISHED"
+    p, t, m = run.data.params, run.data.tags, run.data.metrics
+    assert p["model.name"] == "vanilla" and p["seq_len"] == "32" and p["backbone.d_model"] == "256"
+    assert p["trainer.grad_checkpointing"] == "False"
+    for tag in ("model", "scenario", "task", "status", "backend", "config_hash", "device", "device_name",
+                "num_threads", "torch_version", "xformers_version", "git_sha", "host", "memory_method"):
+        assert tag in t, tag
+    assert t["status"] == "ok" and t["backend"] == "torch-matmul" and t["device"] == "cpu"
+    for metric in ("kernel/fwd_ms", "kernel/fwd_ms_iqr", "kernel/fwdbwd_ms", "kernel/flops_fwd",
+                   "kernel/flops_fwd_analytic", "kernel/tflops", "kernel/peak_fraction", "kernel/peak_mem_mb"):
+        assert metric in m and m[metric] == m[metric], metric
+    assert m["kernel/fwd_ms"] > 0 and float(p["gemm_peak_tflops"]) > 0
+    arts = {a.path for a in Tracker(store_uri, "record").client.list_artifacts(run.info.run_id)}
+    assert {"config.json", "timings.json"} <= arts
+
+
+def test_checkpointing_suffix_in_run_name(store_uri):
+    run_cell(cell(store_uri, "ckptname", "isolate=false", "trainer.grad_checkpointing=true"), quiet=True)
+    (run,) = runs_of(store_uri, "ckptname")
+    assert run.info.run_name == "vanilla-n32-kernel-ckpt"
+
+
+@pytest.mark.parametrize(
+    "target, extra, status, reason",
+    [
+        ("Raising", [], "error", "injected failure"),
+        ("HugeAlloc", [], "oom", "allocate"),
+        ("Sleepy", ["timeout_s=8"], "timeout", "timeout_s=8"),
+        ("NaNs", [], "diverged", "non-finite"),
+        ("Killed", [], "oom", "SIGKILL"),
+    ],
+)
+def test_isolated_failures_are_recorded(store_uri, target, extra, status, reason):
+    exp = f"fault-{target}"
+    got = run_cell(cell(store_uri, exp, f"model._target_=tests.faults.{target}", f"model.name={target.lower()}", *extra),
+                   quiet=True)
+    assert got == status
+    (run,) = runs_of(store_uri, exp)
+    assert run.data.tags["status"] == status
+    assert reason in run.data.tags["failure_reason"]
+    assert run.info.status == "FAILED"
+
+
+def test_preflight_budget_skips_without_running(store_uri):
+    assert run_cell(cell(store_uri, "budget", "budget.memory_gb=1e-6", "isolate=false"), quiet=True) == "skipped"
+    (run,) = runs_of(store_uri, "budget")
+    assert "exceeds the memory budget" in run.data.tags["failure_reason"]
+    assert "kernel/fwd_ms" not in run.data.metrics
+
+
+def test_resume_reuses_ok_runs_and_overwrite_reruns(store_uri):
+    d = cell(store_uri, "resume", "isolate=false")
+    assert run_cell(d, quiet=True) == "ok"
+    assert run_cell(d, quiet=True) == "ok"
+    assert len(runs_of(store_uri, "resume")) == 1, "a finished ok cell must be reused"
+    run_cell({**d, "overwrite": True}, quiet=True)
+    assert len(runs_of(store_uri, "resume")) == 2
+
+
+def test_orphaned_running_runs_are_marked(store_uri):
+    import socket
+
+    tr = Tracker(store_uri, "orphans")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run_id = tr.create_run("orphan", {"host": socket.gethostname(), "pid": str(dead.pid), "status": "running"})
+    live = tr.create_run("live", {"host": socket.gethostname(), "pid": str(os.getpid()), "status": "running"})
+    assert run_id in tr.mark_orphans()
+    r = tr.client.get_run(run_id)
+    assert r.info.status == "FAILED" and r.data.tags["status"] == "error"
+    assert tr.client.get_run(live).info.status == "RUNNING"
+    tr.end_run(live, "ok")
+
+
+def test_sweep_parent_children_resume_and_oom_skip(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'sweep.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri, "ATTNBENCH_CACHE": str(tmp_path / "cache")}
+    args = ["-m", "grid=smoke", "seq_len=32,48", "scenario.min_time_s=0", "scenario.min_repeats=2",
+            "hydra.sweeper.report=false", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    r = run_cli(args, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    tr = Tracker(uri, "attnbench")
+    parents = tr.search("tags.`attnbench.role` = 'sweep'")
+    assert len(parents) == 1
+    sweep_id = parents[0].data.tags["sweep_id"]
+    children = tr.search(f"tags.sweep_id = '{sweep_id}'")
+    children = [c for c in children if c.info.run_id != parents[0].info.run_id]
+    n_cells = 2 * len(discover_variants())
+    assert len(children) == n_cells
+    assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
+    assert {c.data.tags["status"] for c in children} == {"ok"}
+
+    # the same sweep again: every cell is reused, no new child run
+    r = run_cli(args, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    parents = tr.search("tags.`attnbench.role` = 'sweep'")
+    assert len(parents) == 2
+    newest = parents[0]
+    assert sum(k.startswith("reused/") for k in newest.data.tags) == n_cells
+    assert len(tr.search(f"tags.sweep_id = '{newest.data.tags['sweep_id']}'")) == 1  # the parent only
+
+    # a cell line that runs out of memory: longer lengths are skipped, pointing at the failure
+    r = run_cli(["-m", "seq_len=16,32,48", "model._target_=tests.faults.HugeAlloc", "model.name=huge",
+                 "hydra.sweeper.report=false", f"hydra.sweep.dir={tmp_path / 'multirun2'}"],
+                env={**env}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = tr.search("tags.model = 'huge'")
+    by_n = {int(x.data.params["seq_len"]): x for x in runs}
+    assert by_n[16].data.tags["status"] == "oom"
+    assert by_n[32].data.tags["status"] == "skipped" and by_n[16].info.run_id in by_n[32].data.tags["failure_reason"]
+    assert by_n[48].data.tags["status"] == "skipped"
