@@ -6,6 +6,7 @@ default), classify the outcome, record it in MLflow. A failing cell is recorded,
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -83,9 +84,10 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
         tr.log_json(run_id, d, "config.json")
         result = _preflight_from_sweep(tr, d, sweep, fam)
         if result is None:
-            t0 = time.perf_counter()
-            result = _run_isolated(d) if d.get("isolate", True) else execute(d)
-            result.metrics.setdefault("cell/wall_s", time.perf_counter() - t0)
+            with device_lock(d, say):
+                t0 = time.perf_counter()
+                result = _run_isolated(d) if d.get("isolate", True) else execute(d)
+                result.metrics.setdefault("cell/wall_s", time.perf_counter() - t0)
         _record(tr, run_id, result)
     except BaseException as e:  # interrupted (Ctrl-C) or the tracker failed mid-way: leave no RUNNING run
         try:
@@ -99,6 +101,32 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
         msg += f" ({result.failure_reason})"
     say(msg)
     return result.status
+
+
+@contextlib.contextmanager
+def device_lock(d: dict[str, Any], say=print):
+    """One measuring cell per device of a host at a time: parallel jobs (submitit arrays, several
+    sweeps) would otherwise share cores or a GPU and distort each other's timings. An advisory
+    `flock` on a file named after the host and device; released when the cell ends or dies."""
+    import fcntl
+    import socket
+
+    from pipeline.registry import cache_dir
+
+    tr = d.get("trainer") or {}
+    device = "cuda" + os.environ.get("CUDA_VISIBLE_DEVICES", "") if tr.get("accelerator") in ("gpu", "cuda") else "cpu"
+    path = cache_dir() / f"device-{socket.gethostname()}-{device}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"[attnbench] waiting for another cell measuring on {device} ({path})")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _preflight_from_sweep(tr, d, sweep, fam) -> CellResult | None:
@@ -240,7 +268,7 @@ def preflight(cfg, device, result: CellResult) -> None:
     analytic model; over budget -> SkipCell, before any compute."""
     import torch
 
-    from pipeline.measure import available_memory_bytes
+    from pipeline.measure import available_memory_bytes, total_memory_bytes
     from pipeline.registry import build_mixer
 
     bb = cfg.backbone
@@ -254,6 +282,7 @@ def preflight(cfg, device, result: CellResult) -> None:
     budget_gb = cfg.get("budget", {}).get("memory_gb")
     budget = float(budget_gb) * 2**30 if budget_gb else 0.8 * available_memory_bytes(device)
     result.params["budget_mem_mb"] = round(budget / 2**20, 3)
+    result.params["device_memory_gb"] = round(total_memory_bytes(device) / 2**30, 3)
     if cfg.scenario.name == "kernel":
         # the forward must fit; forward+backward (activations kept, plus their gradients: about
         # twice) is a separate phase the kernel scenario drops, with a tag, when it would not

@@ -24,6 +24,9 @@ from typing import Callable
 
 import torch
 
+from pipeline.analytic import score_entries, score_macs  # noqa: F401 - re-exported
+from pipeline.registry import cache_dir
+
 # --- device helpers -----------------------------------------------------------
 
 
@@ -218,17 +221,8 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(counter.get_total_flops())
 
 
-def score_macs(n: int, d: int) -> int:
-    """Multiply-adds of one QK^T score matrix over the full width d: n^2 * d (the seed figure)."""
-    return n * n * d
-
-
-def score_entries(n: int) -> int:
-    return n * n
-
-
 def _peak_cache() -> Path:
-    return Path(os.environ.get("ATTNBENCH_CACHE", Path.home() / ".cache" / "attnbench")) / "gemm_peak.json"
+    return cache_dir() / "gemm_peak.json"
 
 
 def gemm_peak_tflops(device: torch.device | str, dtype: torch.dtype, size: int = 2048) -> float:

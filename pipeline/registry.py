@@ -5,11 +5,19 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
+
+
+
+def cache_dir() -> Path:
+    """Per-user state shared by the cells of a machine (GEMM peak cache, device locks)."""
+    return Path(os.environ.get("ATTNBENCH_CACHE", Path.home() / ".cache" / "attnbench"))
+
 
 # keys of a conf/model/*.yaml that describe the variant rather than construct it
 _META_KEYS = ("name",)
@@ -23,14 +31,19 @@ def discover_variants(conf_dir: Path = CONF_DIR) -> list[str]:
     return names
 
 
-def load_variant_cfg(name: str, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
-    """The plain dict of conf/model/<name>.yaml (for tests and tools outside Hydra)."""
+def load_variant_cfg(name: str, seq_len: int | None = None, conf_dir: Path = CONF_DIR) -> dict[str, Any]:
+    """The plain dict of conf/model/<name>.yaml (for tests and tools outside Hydra). Knobs written
+    relative to the sequence length (`${min:512,${seq_len}}`) resolve against `seq_len`; with
+    None they take their unclamped value."""
+    import pipeline  # noqa: F401 - registers the config resolvers
     from omegaconf import OmegaConf
 
     path = conf_dir / "model" / f"{name}.yaml"
     if not path.exists():
         raise ValueError(f"unknown variant {name!r}; choose one of {discover_variants(conf_dir)}")
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    root = OmegaConf.create({"seq_len": seq_len if seq_len is not None else 2**62,
+                             "model": OmegaConf.load(path)})
+    return OmegaConf.to_container(root, resolve=True)["model"]
 
 
 def mixer_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:

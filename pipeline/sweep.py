@@ -139,11 +139,8 @@ class GridSweeper(BasicSweeper):
         print(f"[attnbench] browse the runs: make ui   (mlflow ui --backend-store-uri {tr.uri})", flush=True)
 
     def _report(self, tr, parent: str, sweep_id: str) -> None:
-        try:
-            from pipeline.report import build_report
-        except ImportError as e:
-            print(f"[attnbench] no report: {e}")
-            return
+        from pipeline.report import build_report
+
         try:
             out = build_report(experiment=tr.experiment, sweep_id=sweep_id, out_dir=None,
                                budget_gb=None, tracking_uri=tr.uri)
