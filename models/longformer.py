@@ -1,0 +1,178 @@
+"""Sliding-window + global-token attention (Longformer, Beltagy et al. 2020), computed blockwise.
+
+Owns `LongformerAttention`. Attention pattern, for query i and key j (0-based positions, w the
+one-sided window, g the number of global tokens, positions 0..g-1 being the global ones):
+- bidirectional: allowed iff |i - j| <= w, or j < g (a global key), or i < g (a global query);
+- causal: allowed iff 0 <= i - j <= w, or (j < g and j <= i), or (i < g and j <= i).
+So a global token attends to everything it may see and everything may see it; with w >= T the
+pattern is the full (causal) one and the output equals vanilla attention.
+
+How it is computed, in O(T (w + g)) time and memory, never a T x T tensor or mask:
+1. queries are cut into chunks of C positions (T padded up to a multiple of C);
+2. chunk n (queries nC .. nC+C-1) sees the keys nC-w .. nC+C-1 (causal) or nC-w .. nC+C-1+w
+   (bidirectional): an overlapping window of length L = w+C (or 2w+C) taken with `unfold` from
+   the zero-padded keys, with the g global keys prepended, so every chunk has G+L keys;
+3. one batched fused SDPA call over all chunks at once (the chunks ride in SDPA's head axis)
+   with an additive (1, n_chunks, C, G+L) mask that keeps exactly the pattern above: inside the
+   window the band, keys j < g removed from the window (they are counted once, as globals),
+   padding removed; on the global keys j <= i when causal;
+4. the g global query rows are recomputed against all T keys ((g, T) scores, g < T) and
+   replace their chunk rows.
+C = 256 measured fastest on a 2-core AVX-512 CPU (fp32, w = 512): smaller chunks waste less of
+the window but run SDPA's CPU kernel on too-short query blocks.
+
+FLOP count (`mixing_flops`): exactly the allowed (i, j) pairs of the pattern, 2 multiply-adds
+each (one in Q K^T, one in P V), 2 FLOPs per multiply-add: 4 * B * H * K * pairs(T). For
+i >= g and T >> w that is ~(w+1+g) keys per query causal, ~(2w+1+g) bidirectional. The kernel
+computes G+L keys per query chunk row, so useful/computed is ~(w+1+g)/(w+C+g) causal; softmax
+exponentials and the mask are not counted.
+
+    attn = LongformerAttention(d_model=256, n_heads=4, causal=True, window=512, global_tokens=16)
+    y_BTD = attn(x_BTD)
+"""
+from __future__ import annotations
+
+import torch
+
+from models.vanilla import VanillaAttention
+from models.xformers_attn import sdpa_recorded
+
+
+def pattern_pairs(seq_len: int, window: int, global_tokens: int, causal: bool) -> int:
+    """Number of allowed (query, key) pairs of the pattern in the module docstring, counted exactly."""
+    T, w, g = seq_len, window, min(global_tokens, seq_len)
+    i = torch.arange(T, dtype=torch.int64)
+    if causal:
+        # window keys max(0, i-w)..i, plus the globals left of the window; i < g sees all j <= i
+        n_i = torch.minimum(i, torch.tensor(w)) + 1 + (i - w).clamp(0, g)
+    else:
+        lo, hi = (i - w).clamp(min=0), (i + w).clamp(max=T - 1)
+        n_i = hi - lo + 1 + lo.clamp(max=g)
+        n_i = torch.where(i < g, torch.tensor(T), n_i)  # global queries see every key
+    return int(n_i.sum())
+
+
+def _pad_time(x_BHTK: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    """Zero rows before/after along T, contiguous. A cat writes each element once, where F.pad
+    fills the whole output first (measurably slower for these sizes on CPU)."""
+    B, H, _, K = x_BHTK.shape
+    parts = [x_BHTK.new_zeros(B, H, left, K)] if left else []
+    parts.append(x_BHTK)
+    if right:
+        parts.append(x_BHTK.new_zeros(B, H, right, K))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else x_BHTK.contiguous()
+
+
+class LongformerAttention(VanillaAttention):
+    """Sliding window of one-sided width `window` plus `global_tokens` global positions."""
+
+    exact = False
+    is_attention = True
+    materialises_scores = False
+    time_order = 1.0
+    memory_order = 1.0
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool = True, bias: bool = False,
+                 window: int = 512, global_tokens: int = 16, chunk_size: int = 256):
+        super().__init__(d_model, n_heads, causal, bias)
+        if int(window) != window or window <= 0:
+            raise ValueError(f"window must be a positive integer (one-sided width), got {window}")
+        if int(global_tokens) != global_tokens or global_tokens < 0:
+            raise ValueError(f"global_tokens must be an integer >= 0, got {global_tokens}")
+        if int(chunk_size) != chunk_size or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        self.window, self.global_tokens, self.chunk_size = int(window), int(global_tokens), int(chunk_size)
+        self._mask_cache: tuple | None = None  # ((T, device, dtype), mask) of the last forward
+
+    def _geometry(self, T: int) -> tuple[int, int, int, int]:
+        """(w, C, n_chunks, L): window clipped to T-1 (a wider one sees nothing more), chunk, window length."""
+        w = min(self.window, T - 1)
+        C = min(self.chunk_size, T)
+        n_chunks = -(-T // C)
+        L = w + C if self.causal else 2 * w + C
+        return w, C, n_chunks, L
+
+    def _chunk_mask(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Additive (1, n_chunks, C, G+L) mask: 0 where the pattern allows, -inf elsewhere.
+
+        A constant of (T, device, dtype), so the last one is kept: repeated calls at one length
+        (benchmark repeats, training steps) do not rebuild it.
+        """
+        key = (T, str(device), dtype)
+        if self._mask_cache is not None and self._mask_cache[0] == key:
+            return self._mask_cache[1]
+        w, C, nc, L = self._geometry(T)
+        g = self.global_tokens
+        a = torch.arange(C, device=device).view(C, 1)
+        b = torch.arange(L, device=device).view(1, L)
+        # window key b of chunk n sits at j = nC - w + b, query a at i = nC + a, so i - j = w + a - b:
+        # the band depends on (a, b) only ...
+        band_CL = (b >= a) & (b <= a + w) if self.causal else (b >= a) & (b <= a + 2 * w)
+        # ... while j >= g (drops the globals, counted once below, and the left padding) and
+        # j < T (right padding) cut a range of b per chunk
+        start = torch.arange(nc, device=device).view(nc, 1) * C - w
+        j_NL = start + b
+        ok = torch.empty(nc, C, g + L, dtype=torch.bool, device=device)
+        torch.logical_and(band_CL, ((j_NL >= g) & (j_NL < T)).unsqueeze(1), out=ok[..., g:])
+        if g:
+            i_NC1 = (torch.arange(nc, device=device).view(nc, 1) * C + a.view(1, C)).unsqueeze(-1)
+            jg = torch.arange(g, device=device)
+            ok[..., :g] = (jg <= i_NC1) if self.causal else True
+        if nc * C > T:  # padded query rows (last chunk): discarded later; keep them finite
+            ok.view(nc * C, g + L)[T:] = True
+        mask = torch.zeros(1, nc, C, g + L, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
+        self._mask_cache = (key, mask)
+        return mask
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        g = self.global_tokens
+        if g > T:
+            raise ValueError(f"global_tokens={g} exceeds the sequence length T={T}")
+        H, K = self.n_heads, self.head_dim
+        w, C, nc, L = self._geometry(T)
+        q_BHTK, k_BHTK, v_BHTK = self.split_heads(x_BTD)
+
+        # queries: pad to nc*C and cut into chunks; chunks go into SDPA's head axis
+        pad_T = nc * C - T
+        q_XNCK = _pad_time(q_BHTK, 0, pad_T).view(B * H, nc, C, K)  # X = B*H
+        # keys/values: w zeros in front (and w behind when bidirectional) so every window exists
+        right = pad_T + (0 if self.causal else w)
+        k_XSK = _pad_time(k_BHTK, w, right).view(B * H, -1, K)  # S = padded length
+        v_XSK = _pad_time(v_BHTK, w, right).view(B * H, -1, K)
+        k_XNLK = k_XSK.unfold(1, L, C).transpose(-1, -2)  # (X, nc, L, K) overlapping view
+        v_XNLK = v_XSK.unfold(1, L, C).transpose(-1, -2)
+        if g:
+            kg_XNGK = k_BHTK[:, :, :g].reshape(B * H, 1, g, K).expand(B * H, nc, g, K)
+            vg_XNGK = v_BHTK[:, :, :g].reshape(B * H, 1, g, K).expand(B * H, nc, g, K)
+            k_XNLK = torch.cat([kg_XNGK, k_XNLK], dim=2)  # (X, nc, G+L, K)
+            v_XNLK = torch.cat([vg_XNGK, v_XNLK], dim=2)
+        mask = self._chunk_mask(T, x_BTD.device, q_XNCK.dtype)
+        y_XNCK, kernel, _ = sdpa_recorded(q_XNCK, k_XNLK, v_XNLK, attn_mask=mask)
+        y_BHTK = y_XNCK.reshape(B, H, nc * C, K)[:, :, :T]
+
+        if g:
+            # global queries see every key (the ones they may, when causal): (g, T) scores, g <= T
+            yg_BHGK, _, _ = sdpa_recorded(q_BHTK[:, :, :g], k_BHTK, v_BHTK, is_causal=self.causal)
+            y_BHTK = torch.cat([yg_BHGK, y_BHTK[:, :, g:]], dim=2)
+        self.backend = f"blockwise-band:{kernel}"
+        return self.merge_heads(y_BHTK)
+
+    def mixing_flops(self, batch: int, seq_len: int) -> float:
+        pairs = pattern_pairs(seq_len, self.window, self.global_tokens, self.causal)
+        return 4.0 * batch * self.n_heads * self.head_dim * pairs
+
+    def memory_bytes(self, batch: int, seq_len: int, dtype_bytes: int = 4) -> int:
+        w, C, nc, L = self._geometry(seq_len)
+        G = min(self.global_tokens, seq_len)
+        X = batch * self.n_heads
+        windows = 2 * X * nc * (G + L) * self.head_dim  # gathered K and V windows (saved for backward)
+        padded = 3 * X * (nc * C + 2 * w) * self.head_dim  # padded q, k, v
+        mask = nc * C * (G + L)
+        linear = 8 * batch * seq_len * self.d_model  # projections, output, as vanilla counts them
+        lse = X * nc * C  # fp32 row statistics of the fused kernel
+        return int((windows + padded + mask + linear) * dtype_bytes + 4 * lse)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, window={self.window}, global_tokens={self.global_tokens}, "
+                f"chunk_size={self.chunk_size}")

@@ -1,0 +1,221 @@
+"""FAVOR+ linear attention (Performer, Choromanski et al. 2021, "Rethinking Attention with Performers").
+
+Owns `PerformerAttention`. softmax(Q K^T / sqrt(K)) is approximated by phi(Q) phi(K)^T with M
+positive orthogonal random features (paper §2.3-2.4, Lemma 1):
+    phi(x) = exp(W x - |x|^2 / 2) / sqrt(M),   x = q / K^(1/4)  (so q.k/sqrt(K) = x_q.x_k),
+W (M, K): blocks of K orthonormal rows (QR of a Gaussian matrix), each row rescaled to the norm
+of an independent Gaussian vector, so its rows are marginally N(0, I) but orthogonal per block.
+
+Then out_i = phi(q_i) S / phi(q_i) z with S = sum_j phi(k_j) v_j^T, z = sum_j phi(k_j) (the
+normaliser z is the "column of ones appended to V" of the paper, kept as its own vector).
+- bidirectional: S over all keys, O(T M K).
+- causal: chunks of C positions. Inside a chunk the masked (C, C) product phi(Q) phi(K)^T
+  (lower triangle incl. the diagonal) times V; across chunks a prefix state of the earlier
+  chunks' phi(K)^T V (M, K) and sum of phi(K) (M). Memory: features O(T M), chunk states
+  O(T/C * M K) per head, never the O(T M K) of per-token prefix sums.
+Numerical stabilisation (the paper's implementation subtracts maxima of W x before exp):
+queries subtract their own row max (a per-query constant, cancels in the ratio, and so does
+their -|x|^2/2, which is therefore never computed). Keys subtract a per-(batch, head) constant: bidirectional the max over all keys; causal the running max over
+the chunks so far (including the current one), with earlier chunk states rescaled by
+exp(old max - new max) <= 1 as the max grows. A later chunk therefore never touches an earlier
+output; a later token of the same chunk only shifts that chunk's common scale, which cancels
+exactly and changes earlier outputs at most by rounding.
+
+FLOP count (`mixing_flops`, 2 FLOPs per multiply-add, matmuls only; exp and norms not counted):
+features 2 * 2TMK; bidirectional + 2 * 2TM(K+1) (the +1 is the normaliser); causal per chunk the
+useful lower triangle C(C+1)/2 * (M + K+1) * 2, plus the chunk states and the prefix products
+2 * 2TM(K+1).
+
+    attn = PerformerAttention(d_model=256, n_heads=4, causal=True, features=256)
+    y_BTD = attn(x_BTD)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from models.vanilla import VanillaAttention
+
+
+def orthogonal_gaussian(m: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """(m, k) random features: orthonormal blocks of k rows with chi(k)-distributed row norms."""
+    blocks = []
+    for _ in range(-(-m // k)):
+        g_KK = torch.randn(k, k, generator=generator, dtype=torch.float64)
+        q_KK, r_KK = torch.linalg.qr(g_KK)
+        q_KK = q_KK * torch.sign(torch.diagonal(r_KK)).unsqueeze(0)  # Haar-uniform, not QR-biased
+        blocks.append(q_KK.T)  # rows orthonormal
+    w_MK = torch.cat(blocks)[:m]
+    norms_M = torch.randn(m, k, generator=generator, dtype=torch.float64).norm(dim=1)
+    return (w_MK * norms_M.unsqueeze(1)).float()
+
+
+def decayed_prefix(s_BHNF: torch.Tensor, run_BHN: torch.Tensor) -> torch.Tensor:
+    """P_n = sum_{m<n} s_m exp(R_m - R_n) for a nondecreasing R (all factors <= 1), vectorised.
+
+    Two levels so neither a loop over all n nor an (n x n) weight matrix is needed: chunks are
+    grouped into ~sqrt(n) groups of G; inside a group a (G, G) lower-triangular weight matrix,
+    across groups a short loop carrying each group's total in the frame of its last chunk.
+    """
+    B, H, N, Fd = s_BHNF.shape
+    G = _group_size(N)
+    nb = -(-N // G)
+    if nb * G != N:  # padding repeats the last R (decay 1) with zero states, so it adds nothing
+        s_BHNF = F.pad(s_BHNF, (0, 0, 0, nb * G - N))
+        run_BHN = F.pad(run_BHN, (0, nb * G - N), mode="replicate")
+    s_BHbGF = s_BHNF.view(B, H, nb, G, Fd)
+    r_BHbG = run_BHN.view(B, H, nb, G)
+    # inside a group: W[r, r'] = exp(R_r' - R_r) for r' < r; the clamp only guards the masked half
+    diff_BHbGG = (r_BHbG.unsqueeze(-2) - r_BHbG.unsqueeze(-1)).clamp(max=0)
+    strict = torch.ones(G, G, dtype=torch.bool, device=s_BHNF.device).tril(-1)
+    w_BHbGG = (torch.exp(diff_BHbGG) * strict).to(s_BHNF.dtype)
+    # each group's total in the frame of its last chunk, then carried across groups
+    last_BHb = r_BHbG[..., -1]
+    tot_BHbF = (torch.exp(r_BHbG - last_BHb.unsqueeze(-1)).to(s_BHNF.dtype).unsqueeze(-2) @ s_BHbGF).squeeze(-2)
+    carry = [torch.zeros_like(tot_BHbF[:, :, 0])]
+    for b in range(1, nb):  # ~sqrt(N) steps
+        d_BH = torch.exp(last_BHb[:, :, b - 2] - last_BHb[:, :, b - 1]) if b > 1 else None
+        carry.append(tot_BHbF[:, :, b - 1] if d_BH is None else carry[-1] * d_BH[..., None] + tot_BHbF[:, :, b - 1])
+    carry_BHbF = torch.stack(carry, dim=2)
+    # carry b is in the frame of group b-1's last chunk; bring it to each chunk's own frame (<= 1)
+    prev_BHb = torch.cat([r_BHbG[..., :1, 0], last_BHb[..., :-1]], dim=-1)
+    f_BHbG = torch.exp(prev_BHb.unsqueeze(-1) - r_BHbG).to(s_BHNF.dtype)
+    # in place on the fresh matmul output: the state is the largest tensor of this function
+    p_BHbGF = (w_BHbGG @ s_BHbGF).addcmul_(f_BHbG.unsqueeze(-1), carry_BHbF.unsqueeze(-2))
+    return p_BHbGF.view(B, H, nb * G, Fd)[:, :, :N]
+
+
+def _group_size(n: int) -> int:
+    """A divisor of n in [sqrt(n), 2 sqrt(n)] when there is one (no padding), else ceil(sqrt(n))."""
+    root = math.isqrt(n - 1) + 1 if n > 1 else 1
+    for g in range(root, 2 * root + 1):
+        if n % g == 0:
+            return g
+    return root
+
+class PerformerAttention(VanillaAttention):
+    """FAVOR+ with `features` positive orthogonal random features; causal via chunked prefix sums."""
+
+    exact = False
+    is_attention = True
+    materialises_scores = False
+    time_order = 1.0
+    memory_order = 1.0
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool = True, bias: bool = False,
+                 features: int = 256, redraw: bool = False, chunk_size: int = 128, seed: int = 0):
+        super().__init__(d_model, n_heads, causal, bias)
+        if int(features) != features or features <= 0:
+            raise ValueError(f"features must be a positive integer, got {features}")
+        if int(chunk_size) != chunk_size or chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
+        self.features, self.redraw, self.chunk_size, self.seed = int(features), bool(redraw), int(chunk_size), seed
+        self._gen = torch.Generator().manual_seed(int(seed))
+        # shared by all heads (as in the paper's code); a buffer so it moves with .to() and is saved
+        self.register_buffer("proj_MK", orthogonal_gaussian(self.features, self.head_dim, self._gen))
+
+    def redraw_features(self) -> None:
+        """Draw a fresh W from the module's own seeded generator (reproducible sequence of draws)."""
+        new = orthogonal_gaussian(self.features, self.head_dim, self._gen)
+        self.proj_MK.copy_(new.to(self.proj_MK))
+
+    def _logits(self, x_BHTK: torch.Tensor, with_norm: bool = True) -> torch.Tensor:
+        """W x - |x|^2 / 2 for x = input / K^(1/4): the exponent of phi before stabilisation."""
+        x_BHTK = x_BHTK * self.head_dim ** -0.25
+        w_MK = self.proj_MK.to(x_BHTK.dtype)
+        l_BHTM = x_BHTK @ w_MK.T
+        if with_norm:  # in place on the fresh matmul output: (B, H, T, M) is the largest tensor here
+            l_BHTM.sub_(0.5 * (x_BHTK * x_BHTK).sum(-1, keepdim=True))
+        return l_BHTM
+
+    @staticmethod
+    def _exp_minus(l_BHTM: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """exp(l - shift) in place on l (a temporary); shift is a constant of the ratio, so detached."""
+        return l_BHTM.sub_(shift.detach()).exp_()
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        if self.redraw and self.training:
+            self.redraw_features()
+        T = x_BTD.shape[1]
+        q_BHTK, k_BHTK, v_BHTK = self.split_heads(x_BTD)
+        C = min(self.chunk_size, T)
+        nc = -(-T // C)
+        if self.causal and nc * C != T:
+            # pad to whole chunks before the features: padded keys come after every real query,
+            # so the causal mask hides them; they only enter the last chunk's stabiliser
+            pad = (0, 0, 0, nc * C - T)
+            q_BHTK, k_BHTK, v_BHTK = F.pad(q_BHTK, pad), F.pad(k_BHTK, pad), F.pad(v_BHTK, pad)
+        # the 1/sqrt(M) of phi cancels between numerator and denominator, so it is left out
+        # a query's -|x|^2/2 is constant along its row, so it cancels with the row max: skip it
+        lq_BHTM = self._logits(q_BHTK, with_norm=False)
+        phiq_BHTM = self._exp_minus(lq_BHTM, lq_BHTM.amax(-1, keepdim=True))
+        lk_BHTM = self._logits(k_BHTK)
+        if self.causal:
+            num_BHTK, den_BHT = self._causal(phiq_BHTM, lk_BHTM, v_BHTK, C)
+            num_BHTK, den_BHT = num_BHTK[:, :, :T], den_BHT[:, :, :T]
+            self.backend = "favor+-chunked"
+        else:
+            phik_BHTM = self._exp_minus(lk_BHTM, lk_BHTM.amax(dim=(-2, -1), keepdim=True))
+            s_BHMK = phik_BHTM.transpose(-2, -1) @ v_BHTK
+            z_BHM1 = phik_BHTM.sum(-2).unsqueeze(-1)
+            num_BHTK, den_BHT = phiq_BHTM @ s_BHMK, (phiq_BHTM @ z_BHM1).squeeze(-1)
+            self.backend = "favor+-linear"
+        y_BHTK = num_BHTK / den_BHT.clamp_min(torch.finfo(den_BHT.dtype).tiny).unsqueeze(-1)
+        return self.merge_heads(y_BHTK)
+
+    def _causal(self, phiq_BHTM: torch.Tensor, lk_BHTM: torch.Tensor, v_BHTK: torch.Tensor,
+                C: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunked causal FAVOR+ on inputs padded to nc * C positions: numerator (B, H, nc*C, K)
+        and denominator (B, H, nc*C). The normaliser is kept apart from V (not as a column of
+        ones) because K+1-wide matmuls measured up to 2x slower than K-wide ones on CPU BLAS."""
+        B, H, Tp, M = phiq_BHTM.shape
+        nc, K = Tp // C, v_BHTK.shape[-1]
+        X = B * H * nc  # every chunk of every head is one batch entry of the bmm calls below
+        phiq_XCM = phiq_BHTM.reshape(X, C, M)
+        v_XCK = v_BHTK.reshape(X, C, K)
+
+        # key stabiliser: running max over the chunks up to and including this one (no later chunk)
+        run_BHN = lk_BHTM.detach().view(B, H, nc, C * M).amax(-1).cummax(dim=-1).values
+        phik_XCM = self._exp_minus(lk_BHTM.view(B, H, nc, C, M), run_BHN[..., None, None]).reshape(X, C, M)
+
+        # across chunks: the state of all earlier chunks, in the frame of the current running max
+        s_XMK = phik_XCM.transpose(-2, -1) @ v_XCK  # each chunk's own phi(K)^T V ...
+        z_XM = phik_XCM.sum(-2)  # ... and sum of phi(K)
+        p_XMK = decayed_prefix(s_XMK.view(B, H, nc, M * K), run_BHN).reshape(X, M, K)
+        pz_XM1 = decayed_prefix(z_XM.view(B, H, nc, M), run_BHN).reshape(X, M, 1)
+
+        # inside each chunk: lower-triangular (incl. diagonal) linear-attention scores, plus the prefix
+        a_XCC = torch.bmm(phiq_XCM, phik_XCM.transpose(-2, -1)).tril_()
+        num_XCK = torch.baddbmm(torch.bmm(phiq_XCM, p_XMK), a_XCC, v_XCK)
+        den_XC = a_XCC.sum(-1) + torch.bmm(phiq_XCM, pz_XM1).squeeze(-1)
+        return num_XCK.view(B, H, Tp, K), den_XC.view(B, H, Tp)
+
+    def mixing_flops(self, batch: int, seq_len: int) -> float:
+        T, M, K = seq_len, self.features, self.head_dim
+        J = K + 1
+        f = 2 * 2 * T * M * K  # W q and W k
+        if self.causal:
+            C = min(self.chunk_size, T)
+            full, rest = divmod(T, C)
+            tri = full * C * (C + 1) // 2 + rest * (rest + 1) // 2  # useful (i, j) pairs in chunks
+            f += 2 * tri * (M + J) + 2 * 2 * T * M * J
+        else:
+            f += 2 * 2 * T * M * J
+        return float(batch * self.n_heads * f)
+
+    def memory_bytes(self, batch: int, seq_len: int, dtype_bytes: int = 4) -> int:
+        T, M, K, X = seq_len, self.features, self.head_dim, batch * self.n_heads
+        feats = 4 * X * T * M  # logits and features of q and k (kept for backward)
+        if self.causal:
+            C = min(self.chunk_size, T)
+            nc = -(-T // C)
+            # padded copies of the features, the (C, C) chunk scores, chunk states and prefixes
+            feats += 2 * X * nc * C * M + X * nc * C * C + 3 * X * nc * M * (K + 1)
+        linear = 8 * batch * T * self.d_model + 3 * X * T * (K + 1)
+        return int((feats + linear) * dtype_bytes)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, features={self.features}, redraw={self.redraw}, "
+                f"chunk_size={self.chunk_size}, seed={self.seed}")

@@ -1,0 +1,162 @@
+"""Memory-efficient exact attention: xFormers' kernel where it runs, PyTorch's fused SDPA otherwise.
+
+Owns `XformersAttention` and the SDPA dispatch helper `sdpa_recorded`, which runs
+`torch.nn.functional.scaled_dot_product_attention` under one backend at a time so the backend
+that actually ran is known (the longformer variant reuses it for its blocks).
+
+Both kernels compute softmax(Q K^T / sqrt(K)) V tile by tile with an online softmax
+(Rabe & Staats 2021, "Self-attention does not need O(n^2) memory"; Dao et al. 2022,
+FlashAttention), so time stays O(T^2 K) but activation memory is O(T K): no T x T tensor.
+
+Kernel choice (recorded in `self.backend`, the reason for not using xFormers in
+`self.fallback_reason`, never a silent fallback):
+- `backend="auto"`: `xformers.ops.memory_efficient_attention` on CUDA tensors when xFormers
+  imports and its dispatcher accepts the inputs (fp16/bf16, and fp32 where its operators
+  support it); otherwise SDPA.
+- `backend="xformers"`: xFormers or a clear error (CPU tensors, missing/broken build).
+- `backend="sdpa"`: SDPA only.
+SDPA backends are tried singly in a fixed order (CPU: flash; CUDA: flash, efficient, cuDNN);
+if none accepts the inputs, the math backend runs and the names of the refusals are recorded.
+
+    attn = XformersAttention(d_model=256, n_heads=4, causal=True)
+    y_BTD = attn(x_BTD); print(attn.backend)   # e.g. "sdpa-flash" on CPU, "xformers" on a GPU
+"""
+from __future__ import annotations
+
+import functools
+import re
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from models.base import exact_attention_flops
+from models.vanilla import VanillaAttention
+
+_SDPA_NAMES = {
+    SDPBackend.FLASH_ATTENTION: "sdpa-flash",
+    SDPBackend.EFFICIENT_ATTENTION: "sdpa-efficient",
+    SDPBackend.CUDNN_ATTENTION: "sdpa-cudnn",
+    SDPBackend.MATH: "sdpa-math",
+}
+# the fused backends worth trying per device type, best first; MATH is the explicit last resort
+_SDPA_ORDER = {
+    "cpu": (SDPBackend.FLASH_ATTENTION,),
+    "cuda": (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION),
+}
+BACKENDS = ("auto", "xformers", "sdpa")
+
+
+def sdpa_recorded(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+) -> tuple[torch.Tensor, str, str | None]:
+    """SDPA under one backend at a time; returns (output, backend name, why fused ones refused).
+
+    Each fused backend runs alone inside `sdpa_kernel([b])`, so a success names the kernel that
+    ran. Only the "no available kernel" refusal moves on to the next one (an OOM or a real error
+    propagates); the refusal warnings PyTorch emits are collected into the returned reason.
+    """
+    refusals: list[str] = []
+    for b in _SDPA_ORDER.get(q.device.type, ()):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                with sdpa_kernel([b]):
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+                return out, _SDPA_NAMES[b], "; ".join(refusals) or None
+            except RuntimeError as err:
+                if "No available kernel" not in str(err):
+                    raise
+                why = _refusal_text([str(w.message) for w in caught]) or str(err)
+                refusals.append(f"{_SDPA_NAMES[b]} refused: {why}")
+    with sdpa_kernel([SDPBackend.MATH]):
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    return out, _SDPA_NAMES[SDPBackend.MATH], "; ".join(refusals) or f"no fused SDPA for {q.device.type}"
+
+
+def _refusal_text(messages: list[str]) -> str:
+    """PyTorch's "kernel not used because" warnings, minus the source locations and the notes
+    about backends that `sdpa_kernel` itself switched off for this attempt."""
+    keep = []
+    for msg in messages:
+        msg = re.sub(r"\s*\(Triggered internally at [^)]*\)\.?", "", msg).strip()
+        if msg and "runtime disabled" not in msg and not msg.endswith("not used because:"):
+            keep.append(msg)
+    return " ".join(keep)
+
+
+@functools.lru_cache(maxsize=1)
+def load_xformers_ops():
+    """(xformers.ops, None) or (None, reason). Imported lazily: on CPU-only builds the import warns."""
+    try:
+        import xformers.ops as xops  # optional, heavy, and noisy on CPU-only builds
+    except Exception as err:  # noqa: BLE001 - a broken build can raise anything; it is recorded
+        return None, f"xformers import failed: {type(err).__name__}: {err}"
+    return xops, None
+
+
+class XformersAttention(VanillaAttention):
+    """Exact softmax attention without the T x T matrix. Same `qkv`/`out` weights as vanilla."""
+
+    exact = True
+    materialises_scores = False
+    time_order = 2.0
+    memory_order = 1.0
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool = True, bias: bool = False,
+                 backend: str = "auto"):
+        super().__init__(d_model, n_heads, causal, bias)
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.backend_choice = backend
+        # why the xFormers kernel did not run in the last forward (None when it ran)
+        self.fallback_reason: str | None = None
+
+    def _xformers_unavailable(self, x: torch.Tensor) -> str | None:
+        """Why xFormers cannot run on x (None when it may): device first, then the import."""
+        if x.device.type != "cuda":
+            return f"xformers memory_efficient_attention needs CUDA tensors, got {x.device.type}"
+        return load_xformers_ops()[1]
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        if self.backend_choice != "sdpa":
+            reason = self._xformers_unavailable(x_BTD)
+            if reason is None:
+                y_BTHK, reason = self._xformers(x_BTD)
+                if y_BTHK is not None:
+                    self.backend, self.fallback_reason = "xformers", None
+                    return self.out(y_BTHK.reshape(B, T, self.d_model))
+            if self.backend_choice == "xformers":
+                raise RuntimeError(f"backend='xformers' cannot run here: {reason}")
+        else:
+            reason = "backend='sdpa' requested"
+        q_BHTK, k_BHTK, v_BHTK = self.split_heads(x_BTD)
+        y_BHTK, self.backend, refused = sdpa_recorded(q_BHTK, k_BHTK, v_BHTK, is_causal=self.causal)
+        self.fallback_reason = reason if refused is None else f"{reason}; {refused}"
+        return self.merge_heads(y_BHTK)
+
+    def _xformers(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+        """xFormers on the [B, M, H, K] layout, or (None, reason) when its dispatcher has no operator."""
+        xops, _ = load_xformers_ops()
+        B, T, _ = x_BTD.shape
+        qkv_BT3HK = self.qkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim)
+        q_BTHK, k_BTHK, v_BTHK = qkv_BT3HK.unbind(2)  # last-dim stride 1 is all xFormers needs
+        bias = xops.LowerTriangularMask() if self.causal else None
+        try:
+            return xops.memory_efficient_attention(q_BTHK, k_BTHK, v_BTHK, attn_bias=bias), None
+        except NotImplementedError as err:  # fmha dispatch: "No operator found for ..." inputs
+            return None, f"xformers has no operator for these inputs: {str(err).splitlines()[0]}"
+
+    def mixing_flops(self, batch: int, seq_len: int) -> float:
+        # useful work only; the fused kernels skip (most of) the masked half in causal mode
+        return exact_attention_flops(batch, self.n_heads, seq_len, self.head_dim, self.causal)
+
+    def memory_bytes(self, batch: int, seq_len: int, dtype_bytes: int = 4) -> int:
+        # the fused kernels keep O(T K) per head: q, k, v, output and its gradient-side copies
+        # (~8 (B, T, D) tensors, as vanilla's linear part) plus the log-sum-exp row statistics
+        linear = 8 * batch * seq_len * self.d_model
+        lse = batch * self.n_heads * seq_len  # fp32 always
+        return int(linear * dtype_bytes + 4 * lse)
