@@ -14,10 +14,10 @@ ARGS    ?=
 PARTITION ?=
 PORT    ?= 5000
 
-.PHONY: help install test test-all smoke sweep report ui server submit gpu-wheels gpu-check lint clean
+.PHONY: help install test test-all smoke sweep complexity repeatability report ui server submit gpu-wheels gpu-check lint clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
 
 $(BIN)/attnbench: pyproject.toml constraints/cpu.txt
 	$(PY) -m venv $(VENV)
@@ -40,11 +40,23 @@ smoke: install ## toy-sized sweep of the whole pipeline (< 3 min)
 sweep: install ## the default CPU sweep (grid=cpu), then its report
 	$(BIN)/python -m pipeline.run -m grid=$(GRID) $(ARGS)
 
+complexity: install ## every variant's kernel at n = 1024 ... 16384 (scaling exponents), then its report
+	$(BIN)/python -m pipeline.run -m grid=complexity $(ARGS)
+
+repeatability: install ## the same kernel cells twice in a row: how far apart the medians land
+	$(BIN)/python scripts/repeatability.py $(ARGS)
+
 report: install ## report of experiment EXP (latest run per cell) into reports/
 	$(BIN)/python -m pipeline.report --experiment $(EXP) $(ARGS)
 
 ui: install ## MLflow UI on 127.0.0.1:$(PORT) over the project's store
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}
+
+gpu-wheels: ## download the wheels the GPU machine lacks into .whl/ (ARGS=--verify: import them in a Python 3.12)
+	bash scripts/gpu_wheels.sh $(ARGS)
+
+gpu-check: ## on a CUDA machine: prove the CUDA side in one short run (ARGS=--dry-run: the plan, anywhere)
+	bash scripts/gpu_check.sh $(ARGS)
 
 clean: ## remove Hydra outputs and caches (keeps mlflow.db and reports)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
