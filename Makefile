@@ -22,7 +22,7 @@ help: ## list the targets
 $(BIN)/attnbench: pyproject.toml constraints/cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	set -o pipefail; $(BIN)/pip install -q $(TORCH_CONSTRAINT) -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	set -o pipefail; $(BIN)/pip install -q $(TORCH_CONSTRAINT) -e '.[dev]' --config-settings editable_mode=compat 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -c "import torch, hydra, mlflow, pytorch_lightning; print('installed torch', torch.__version__)"
 	@touch $@
 
@@ -51,6 +51,13 @@ report: install ## report of experiment EXP (latest run per cell) into reports/
 
 ui: install ## MLflow UI on 127.0.0.1:$(PORT) over the project's store
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}
+
+server: install ## MLflow tracking server on 127.0.0.1:$(PORT) for many writers (MLFLOW_BACKEND_STORE_URI, MLFLOW_HOST: docs/scaling_out.md)
+	PORT=$(PORT) scripts/mlflow_server.sh
+
+submit: install ## sweep GRID on SLURM as a job array: make submit GRID=gpu PARTITION=gpu (needs a server: make server)
+	@command -v sbatch >/dev/null || { echo "make submit: sbatch not found: run it on a SLURM login node" >&2; exit 2; }
+	$(BIN)/python -m pipeline.run -m grid=$(GRID) hydra/launcher=slurm tracking=server $(if $(PARTITION),hydra.launcher.partition=$(PARTITION)) $(ARGS)
 
 gpu-wheels: ## download the wheels the GPU machine lacks into .whl/ (ARGS=--verify: import them in a Python 3.12)
 	bash scripts/gpu_wheels.sh $(ARGS)

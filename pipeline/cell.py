@@ -114,7 +114,13 @@ def device_lock(d: dict[str, Any], say=print):
     from pipeline.registry import cache_dir
 
     tr = d.get("trainer") or {}
-    device = "cuda" + os.environ.get("CUDA_VISIBLE_DEVICES", "") if tr.get("accelerator") in ("gpu", "cuda") else "cpu"
+    if tr.get("accelerator") in ("gpu", "cuda"):
+        # the physical GPU: SLURM names it even where cgroups renumber every task's GPU as 0
+        visible = (os.environ.get("SLURM_STEP_GPUS") or os.environ.get("SLURM_JOB_GPUS")
+                   or os.environ.get("CUDA_VISIBLE_DEVICES") or "0")
+        device = "cuda" + visible.split(",")[0]
+    else:
+        device = "cpu"
     path = cache_dir() / f"device-{socket.gethostname()}-{device}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as f:

@@ -104,6 +104,13 @@ def validate(cfg: DictConfig | Mapping) -> None:
     if mem is not None and (not isinstance(mem, (int, float)) or mem <= 0):
         raise ConfigError(f"budget.memory_gb must be positive or null, got {mem!r}")
 
+    trk = d.get("tracking") or {}
+    if trk.get("require_server"):
+        uri = trk.get("uri") or ""
+        if not uri.startswith(("http://", "https://")):
+            raise ConfigError("tracking=server needs MLFLOW_TRACKING_URI=http://host:port of a running "
+                              f"`mlflow server` (make server); got {uri or 'none'}")
+
     model = d.get("model") or {}
     if "name" not in model or "_target_" not in model:
         raise ConfigError("model must name a variant from conf/model/ (model.name and model._target_)")

@@ -9,6 +9,7 @@ ids, so no global "active run" state leaks between cells.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -22,6 +23,9 @@ from typing import Any, Callable, Mapping, TypeVar
 from pipeline.registry import REPO_ROOT
 
 T = TypeVar("T")
+
+# the client would print "View run ... at http://..." for every run it ends on a server
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 STATUSES = ("ok", "oom", "timeout", "error", "diverged", "skipped")
 # MLflow run status for each cell status: only `ok` is FINISHED, so resume never reuses a failure
@@ -84,6 +88,27 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingError(f"tracking server {uri} is not reachable: {e}") from None
 
 
+@contextlib.contextmanager
+def first_open_lock(uri: str):
+    """MLflow creates and migrates a SQLite store's tables on a process's first access; several
+    processes doing that at once on a new store leave it unusable (half-applied migrations,
+    `_alembic_tmp_*` tables: MLflow 3.17). An exclusive flock on a file beside the database lets
+    one process at a time open it; later opens only check the schema and pass quickly."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @lru_cache(maxsize=1)
 def git_sha() -> str:
     try:
@@ -126,9 +151,11 @@ class Tracker:
 
         check_server(uri)
         self.uri, self.experiment = uri, experiment
-        self.client = MlflowClient(tracking_uri=uri)
         try:
-            self.experiment_id = _retry(self._ensure_experiment, "create experiment")
+            # MlflowClient opens the store (and on a new one creates the tables) when constructed
+            with first_open_lock(uri):
+                self.client = MlflowClient(tracking_uri=uri)
+                self.experiment_id = _retry(self._ensure_experiment, "create experiment")
         except TrackingError:
             raise
         except Exception as e:  # noqa: BLE001

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# A shared MLflow tracking server: the one store that many writers (parallel sweeps, the tasks of a
+# SLURM array) can record to at once. Prints the MLFLOW_TRACKING_URI every job must export.
+#
+#   scripts/mlflow_server.sh                       # 127.0.0.1:5000, SQLite file in the repository
+#   MLFLOW_BACKEND_STORE_URI=postgresql://user:pass@db-host:5432/mlflow MLFLOW_HOST=0.0.0.0 \
+#     scripts/mlflow_server.sh                     # a team server that cluster jobs can reach
+#
+# Environment (all optional):
+#   PORT                          port to listen on (5000)
+#   MLFLOW_HOST                   interface to bind (127.0.0.1: this machine only; 0.0.0.0 for a
+#                                 cluster's jobs to reach it)
+#   MLFLOW_SERVER_ALLOWED_HOSTS   Host headers the server accepts (with 0.0.0.0: this machine's
+#                                 names on PORT plus localhost, unless set)
+#   MLFLOW_BACKEND_STORE_URI      runs, params, metrics, tags: a PostgreSQL URI for a team
+#                                 (needs `pip install psycopg2-binary`), else <repo>/mlflow-server.db
+#   MLFLOW_ARTIFACTS_DESTINATION  where the server keeps uploaded artifacts (<repo>/mlartifacts-server;
+#                                 a directory, s3://... or gs://...); clients upload through the server
+#   MLFLOW_WORKERS                server processes (4)
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+port="${PORT:-5000}"
+host="${MLFLOW_HOST:-127.0.0.1}"
+backend="${MLFLOW_BACKEND_STORE_URI:-sqlite:///${repo}/mlflow-server.db}"
+artifacts="${MLFLOW_ARTIFACTS_DESTINATION:-${repo}/mlartifacts-server}"
+workers="${MLFLOW_WORKERS:-4}"
+mlflow="${repo}/.venv/bin/mlflow"
+[[ -x "$mlflow" ]] || mlflow="$(command -v mlflow || true)"
+if [[ -z "$mlflow" ]]; then
+  echo "mlflow_server.sh: error: no mlflow executable (run \`make install\` first)" >&2
+  exit 2
+fi
+case "$backend" in
+  postgresql*)
+    if ! "$(dirname "$mlflow")/python" -c "import psycopg2" 2>/dev/null; then
+      echo "mlflow_server.sh: error: a PostgreSQL store needs the driver: pip install psycopg2-binary" >&2
+      exit 2
+    fi ;;
+esac
+
+# The URI jobs use: this machine's name when bound to every interface, the bound address otherwise.
+case "$host" in
+  0.0.0.0|::)
+    advertised="$(hostname -f 2>/dev/null || hostname)"
+    # MLflow refuses API requests whose Host header is not in its allowed list (localhost and
+    # private IPs by default; /health is exempt, so a probe alone would not notice): allow the
+    # names jobs will use unless the caller chose the list.
+    names="${advertised}:${port},$(hostname):${port},localhost:*,127.0.0.1:*"
+    export MLFLOW_SERVER_ALLOWED_HOSTS="${MLFLOW_SERVER_ALLOWED_HOSTS:-$names}"
+    ;;
+  *) advertised="$host" ;;
+esac
+echo "MLflow server: backend store ${backend}"
+echo "               artifacts     ${artifacts} (served through the server)"
+echo "Record to it from every shell and job:"
+echo "  export MLFLOW_TRACKING_URI=http://${advertised}:${port}"
+echo "then run sweeps with tracking=server. Ctrl-C stops the server."
+
+# The server's background job runner (huey consumers, for MLflow's GenAI features) is not used by
+# attnbench and costs several processes: off unless the caller turned it on.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
+exec "$mlflow" server \
+  --host "$host" --port "$port" --workers "$workers" \
+  --backend-store-uri "$backend" \
+  --serve-artifacts --artifacts-destination "$artifacts"
