@@ -349,6 +349,11 @@ def _config_keys() -> set[str]:
     return (groups | root) - {"defaults", "hydra"}
 
 
+# how long a cell measures, not what: never a line of its own
+TIMING_KNOBS = {"scenario.warmup", "scenario.min_repeats", "scenario.min_time_s", "scenario.max_time_s",
+                "scenario.count_flops", "scenario.warmup_steps", "scenario.batches"}
+
+
 def varying_axes(cells: pd.DataFrame, by: Sequence[str] = ("tags.model", "params.seq_len")) -> list[str]:
     """Config params that take several values among cells sharing `by` (a variant at one
     length: dtype, causal, window, checkpointing …); each value is then its own line. Seeds are
@@ -358,7 +363,7 @@ def varying_axes(cells: pd.DataFrame, by: Sequence[str] = ("tags.model", "params
     allowed = _config_keys() - set(NON_MEASUREMENT_KEYS) - {"seed", "seq_len"}
     axes = []
     for c in sorted(c for c in cells.columns if c.startswith("params.")):
-        if c[len("params."):].split(".")[0] not in allowed:
+        if c[len("params."):].split(".")[0] not in allowed or c[len("params."):] in TIMING_KNOBS:
             continue
         per = cells.groupby(list(by), dropna=False)[c].nunique(dropna=True)
         if len(per) and per.max() > 1:

@@ -1,0 +1,219 @@
+"""The quality-side scenarios: `train`, `infer` and `full` (train, then infer the trained model).
+
+- `train`: Lightning fit for the task's `train.max_steps`, then one validation pass. Step time
+  (median and IQR, warm-up steps excluded), tokens/s, peak memory of the fit, the loss of every
+  step, and the task's `val/*` metrics.
+- `infer`: Lightning predict over `scenario.warmup + scenario.batches` batches of root
+  `batch_size` sequences; per-batch latency, tokens/s, peak memory. On an untrained model (the
+  `infer` scenario alone) this is a cost measurement, not a quality one.
+- Tasks that do not train (`task.trains` false, i.e. fidelity) replace the training part of
+  `train` and `full` with the task's own evaluation: one mixer against exact attention on the
+  same weights and inputs; `full` then still times inference.
+
+Batch sizes: training uses the task's `train.batch_size` (the quality figure is a property of
+the task's whole budget: steps x batch x lr); `infer` and fidelity use the root `batch_size`
+(the grid's cost axis). Arithmetic precision is `trainer.precision` (Lightning's), not
+`backbone.dtype` (the kernel scenario's); fidelity runs in float32, since its figure is about
+the approximation, not the arithmetic.
+
+    python -m pipeline.run scenario=full task=mqar model=vanilla seq_len=128
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pipeline.measure import PeakMemory, summarize
+from pipeline.scenarios.base import CellResult, register
+
+
+def _build(cfg, task):
+    """The token model for this cell, seeded: the same seed gives the same initial weights."""
+    from models.lm import TokenModel
+    from pipeline.registry import mixer_factory
+
+    bb = cfg.backbone
+    torch.manual_seed(int(cfg.seed))
+    return TokenModel(
+        vocab_size=task.vocab_size, d_model=int(bb.d_model), n_layers=int(bb.n_layers),
+        n_heads=int(bb.n_heads), mlp_ratio=int(bb.mlp_ratio),
+        mixer_factory=mixer_factory(cfg.model, causal=bool(cfg.causal)),
+        grad_checkpointing=bool(cfg.trainer.get("grad_checkpointing", False)),
+        max_len=int(cfg.seq_len) if task.positions == "learned" else None,
+        prev_token=task.prev_token,
+    )
+
+
+def _setup(cfg, result: CellResult):
+    from pipeline.tasks import build_task
+
+    task = build_task(cfg.task)
+    task.check(int(cfg.seq_len))
+    result.params["seed"] = int(cfg.seed)
+    result.params.update(task.describe())
+    return task
+
+
+def _max_over_ranks(value: float, device) -> float:
+    """Peak memory of a multi-process run is the largest of its ranks' (DESIGN §9)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t)
+    return value
+
+
+def _note_backend(model, result: CellResult) -> None:
+    result.tags["backend"] = model.backend
+    notes = {str(m.fallback_reason) for m in model.mixers if getattr(m, "fallback_reason", None)}
+    if notes:
+        result.tags["backend_note"] = "; ".join(sorted(notes))
+
+
+def train_model(cfg, device, result: CellResult, task):
+    """Fit for the task's budget, validate, fill train/* and val/*; returns the LightningModule."""
+    from pipeline.lightning_module import (
+        LitTokenModel,
+        StepTimer,
+        build_trainer,
+        expected_warnings_silenced,
+    )
+
+    tr = dict(task.train)
+    max_steps, warmup_steps = int(tr["max_steps"]), int(cfg.scenario.warmup_steps)
+    if max_steps <= warmup_steps:
+        raise ValueError(f"task.train.max_steps={max_steps} leaves no timed step after "
+                         f"scenario.warmup_steps={warmup_steps}")
+    model = _build(cfg, task)
+    for m in model.mixers:
+        m.check_seq_len(int(cfg.seq_len))
+    module = LitTokenModel(model, task, optim={**tr, "max_steps": max_steps})
+    timer = StepTimer(device, warmup_steps=warmup_steps)
+    trainer = build_trainer(cfg.trainer, max_steps=max_steps, callbacks=[timer],
+                            gradient_clip_val=tr.get("grad_clip"))
+    train_dl = task.train_loader(int(cfg.seq_len), int(tr["batch_size"]), int(cfg.seed))
+    with expected_warnings_silenced():
+        t0 = time.perf_counter()
+        with PeakMemory(device) as pm:
+            trainer.fit(module, train_dataloaders=train_dl)
+        fit_s = time.perf_counter() - t0
+        val_dl = task.val_loader(int(cfg.seq_len), int(cfg.seed))
+        t0 = time.perf_counter()
+        trainer.validate(module, dataloaders=val_dl, verbose=False)
+        val_s = time.perf_counter() - t0
+
+    s = summarize(timer.step_ms)
+    result.metrics.update({
+        "train/step_ms": s["median"], "train/step_ms_iqr": s["iqr"], "train/step_ms_min": s["min"],
+        "train/steps": float(len(timer.losses)),
+        "train/tokens_per_s": timer.tokens_per_step / (s["median"] * 1e-3),
+        "train/peak_mem_mb": _max_over_ranks(pm.peak_mb, trainer.strategy.root_device),
+        "train/final_loss": timer.losses[-1],
+        "train/fit_s": fit_s,  # the whole fit: every step, data generation and Lightning's own work
+        "val/wall_s": val_s,
+    })
+    result.metrics.update(module.val_results)
+    result.metrics.update(task.baselines(int(cfg.seq_len)))
+    result.series["train/loss"] = timer.losses
+    result.tags["memory_method"] = pm.method
+    result.artifacts["train_step_ms.json"] = timer.step_ms
+    _note_backend(model, result)
+    return module
+
+
+def infer_model(cfg, device, result: CellResult, task, module=None) -> None:
+    """Time the predict loop on `module` (a fresh, untrained model when None); fill infer/*."""
+    from pipeline.lightning_module import (
+        InferTimer,
+        LitTokenModel,
+        build_trainer,
+        expected_warnings_silenced,
+    )
+
+    sc = cfg.scenario
+    if int(sc.batches) < 1:
+        raise ValueError(f"scenario.batches must be >= 1, got {sc.batches}")
+    if module is None:
+        model = _build(cfg, task)
+        for m in model.mixers:
+            m.check_seq_len(int(cfg.seq_len))
+        module = LitTokenModel(model, task)
+    timer = InferTimer(device, warmup=int(sc.warmup))
+    trainer = build_trainer(cfg.trainer, callbacks=[timer])
+    dl = task.predict_loader(int(cfg.seq_len), int(cfg.batch_size), int(sc.warmup) + int(sc.batches), int(cfg.seed))
+    with expected_warnings_silenced(), PeakMemory(device) as pm:
+        trainer.predict(module, dataloaders=dl, return_predictions=False)
+    s = summarize(timer.batch_ms)
+    result.metrics.update({
+        "infer/latency_ms": s["median"], "infer/latency_ms_iqr": s["iqr"], "infer/latency_ms_min": s["min"],
+        "infer/tokens_per_s": timer.tokens_per_batch / (s["median"] * 1e-3),
+        "infer/peak_mem_mb": _max_over_ranks(pm.peak_mb, trainer.strategy.root_device),
+    })
+    result.tags["infer_memory_method"] = pm.method
+    result.artifacts["infer_latency_ms.json"] = timer.batch_ms
+    _note_backend(module.model, result)
+
+
+def fidelity(cfg, device, result: CellResult, task) -> None:
+    """One mixer against the exact reference on the same weights and inputs (no training).
+
+    Variants that do not approximate attention (`is_attention` false) get no figure, and a
+    `quality_note` tag saying why. The reference runs at the full length: it holds ~3 (B, H, T, T)
+    float32 tensors, 1.6 GB at T=8192 with 2 heads."""
+    from pipeline.registry import build_mixer, load_variant_cfg
+    from pipeline.tasks import copy_shared_weights
+
+    bb, B, T = cfg.backbone, int(cfg.batch_size), int(cfg.seq_len)
+    torch.manual_seed(int(cfg.seed))
+    variant = build_mixer(cfg.model, d_model=int(bb.d_model), n_heads=int(bb.n_heads), causal=bool(cfg.causal))
+    variant.check_seq_len(T)
+    result.params["seed"] = int(cfg.seed)
+    if not variant.is_attention:
+        with torch.no_grad():
+            variant.to(device)(torch.zeros(1, min(T, 8), int(bb.d_model), device=device))  # sets backend
+        result.tags["backend"] = variant.backend
+        result.tags["quality_note"] = (
+            f"{type(variant).__name__} does not approximate softmax attention (is_attention=False): "
+            "there is no exact output to compare with; see the trained tasks for its quality"
+        )
+        return
+    torch.manual_seed(int(cfg.seed))
+    reference = build_mixer(load_variant_cfg(task.reference), d_model=int(bb.d_model), n_heads=int(bb.n_heads),
+                            causal=bool(cfg.causal))
+    if not reference.exact:
+        raise ValueError(f"task.reference={task.reference!r} is not an exact variant (exact=False)")
+    copy_shared_weights(reference, variant)
+    reference.to(device).eval()
+    variant.to(device).eval()
+    x_BTD = task.inputs(reference, B, T, int(cfg.seed), device)
+    result.metrics.update(task.evaluate(reference, variant, x_BTD))
+    result.tags["backend"] = variant.backend
+    if getattr(variant, "fallback_reason", None):
+        result.tags["backend_note"] = str(variant.fallback_reason)
+
+
+@register("train")
+def run_train(cfg, device: torch.device, result: CellResult) -> None:
+    task = _setup(cfg, result)
+    if task.trains:
+        train_model(cfg, device, result, task)
+    else:
+        fidelity(cfg, device, result, task)
+
+
+@register("infer")
+def run_infer(cfg, device: torch.device, result: CellResult) -> None:
+    task = _setup(cfg, result)
+    infer_model(cfg, device, result, task)
+
+
+@register("full")
+def run_full(cfg, device: torch.device, result: CellResult) -> None:
+    task = _setup(cfg, result)
+    if task.trains:
+        module = train_model(cfg, device, result, task)
+        infer_model(cfg, device, result, task, module)
+    else:
+        fidelity(cfg, device, result, task)
+        infer_model(cfg, device, result, task)
