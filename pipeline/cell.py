@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import tracking
 from pipeline.config import config_hash, family_hash, flatten, validate
 from pipeline.registry import REPO_ROOT
 from pipeline.scenarios.base import CellResult, Diverged
-from pipeline import tracking
 
 # One allocator setup for every benchmark child process (CPU timings of T x T buffers depend on
 # it: fresh pages fault on every call otherwise). THP_MEM_ALLOC_ENABLE makes torch's CPU allocator
@@ -182,7 +182,7 @@ def _run_isolated(d: dict[str, Any]) -> CellResult:
         cell_file, result_file = Path(tmp) / "cell.json", Path(tmp) / "result.json"
         cell_file.write_text(json.dumps(d))
         proc = subprocess.Popen([sys.executable, "-m", "pipeline.worker", str(cell_file), str(result_file)],
-                                env=_child_env(d), start_new_session=True)
+                                env=_child_env(d), start_new_session=True, preexec_fn=_die_with_parent)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -199,6 +199,17 @@ def _run_isolated(d: dict[str, Any]) -> CellResult:
                 return CellResult(status="oom", failure_reason=f"cell process killed by {sig} (most likely the kernel's OOM killer)")
             return CellResult(status="error", failure_reason=f"cell process died of {sig}")
         return CellResult(status="error", failure_reason=f"cell process exited with code {rc} without a result")
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, be killed when the cell's parent dies (a killed sweep
+    must not leave its cell measuring on, unrecorded, beside the resumed one)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -232,14 +243,16 @@ def execute(d: dict[str, Any]) -> CellResult:
 
         cfg = OmegaConf.create(d)
         device = _device(cfg)
-        threads = cfg.trainer.get("num_threads") or len(os.sched_getaffinity(0))
+        # several ranks share the cores: each gets its share, never the whole machine
+        world = int(cfg.trainer.devices) if str(cfg.trainer.get("strategy", "auto")).startswith("ddp") else 1
+        threads = cfg.trainer.get("num_threads") or max(1, len(os.sched_getaffinity(0)) // world)
         torch.set_num_threads(int(threads))
         torch.manual_seed(int(cfg.seed))
         from pipeline.measure import device_name
 
         result.tags.update({
             "device": device.type, "device_name": device_name(device),
-            "num_threads": str(torch.get_num_threads()), "torch_version": torch.__version__,
+            "num_threads": str(torch.get_num_threads()), "world_size": str(world), "torch_version": torch.__version__,
             "allocator": allocator_tag(),
         })
         preflight(cfg, device, result)
@@ -248,7 +261,7 @@ def execute(d: dict[str, Any]) -> CellResult:
         result.status, result.failure_reason = "skipped", str(e)
     except Diverged as e:
         result.status, result.failure_reason = "diverged", str(e) or "non-finite loss"
-    except BaseException as e:  # noqa: BLE001 - every failure becomes a recorded status
+    except BaseException as e:
         result.status = "oom" if _is_oom(e) else "error"
         first = (str(e).strip().splitlines() or [""])[0]
         result.failure_reason = f"{type(e).__name__}: {first}"[:500]

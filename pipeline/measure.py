@@ -19,8 +19,8 @@ import platform
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -159,7 +159,7 @@ class PeakMemory:
         self.reserved_mb = float("nan")
         self.method = ""
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             sync(self.device)
             torch.cuda.empty_cache()

@@ -6,8 +6,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = REPO_ROOT / "conf"
@@ -35,8 +36,9 @@ def load_variant_cfg(name: str, seq_len: int | None = None, conf_dir: Path = CON
     """The plain dict of conf/model/<name>.yaml (for tests and tools outside Hydra). Knobs written
     relative to the sequence length (`${min:512,${seq_len}}`) resolve against `seq_len`; with
     None they take their unclamped value."""
-    import pipeline  # noqa: F401 - registers the config resolvers
     from omegaconf import OmegaConf
+
+    import pipeline  # noqa: F401 - registers the config resolvers
 
     path = conf_dir / "model" / f"{name}.yaml"
     if not path.exists():

@@ -89,6 +89,11 @@ class RunTable:
     parents: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
+    @property
+    def grid(self) -> str:
+        """The grid a reported sweep ran (from its parent run), or empty."""
+        return next((p["grid"] for p in self.parents if p.get("grid")), "")
+
 
 def _search_all(client, experiment_id: str, filter_string: str) -> list:
     runs, token = [], None
@@ -189,7 +194,8 @@ def load_runs(experiment: str, sweep_id: str | None = None, uri: str | None = No
                               na_position="last").reset_index(drop=True)
     parent_info = [{"run_id": p.info.run_id, "run_name": p.info.run_name or "",
                     "sweep_id": p.data.tags.get("sweep_id", ""),
-                    "reused": str(sum(k.startswith(REUSED_PREFIX) for k in p.data.tags))} for p in parents]
+                    "reused": str(sum(k.startswith(REUSED_PREFIX) for k in p.data.tags)),
+                    "grid": p.data.tags.get("grid", "")} for p in parents]
     return RunTable(frame, experiment, uri, sweep_id, parent_info, notes)
 
 
@@ -868,11 +874,15 @@ def _device_slug(cells: pd.DataFrame) -> str:
 def build_report(experiment: str, sweep_id: str | None = None, out_dir: Path | None = None,
                  budget_gb: float | None = None, tracking_uri: str | None = None) -> Path:
     """Read the runs, write report.md, report.html, results.csv and the figures; returns the
-    output folder (default reports/<experiment>/<date>-<device>/ under the repo)."""
+    output folder (default reports/<experiment>/<date>-<device>/ under the repo, with the
+    sweep's grid appended for a sweep, so two sweeps of a day do not overwrite each other)."""
     table = load_runs(experiment, sweep_id, tracking_uri)
     cells = table.frame
     if out_dir is None:
-        out_dir = REPO_ROOT / "reports" / experiment / f"{datetime.now():%Y-%m-%d}-{_device_slug(cells)}"
+        name = f"{datetime.now():%Y-%m-%d}-{_device_slug(cells)}"
+        if sweep_id is not None:
+            name += f"-{table.grid or 'sweep'}-{sweep_id.rsplit('-', 1)[-1]}"
+        out_dir = REPO_ROOT / "reports" / experiment / name
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells.to_csv(out_dir / "results.csv", index=False)

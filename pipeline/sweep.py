@@ -21,13 +21,13 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
-
-from omegaconf import OmegaConf
+from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ class GridSweeper(BasicSweeper):
         self.report = report
 
     def sweep(self, arguments: list[str]) -> Any:
-        from pipeline.config import ConfigError, to_dict, validate
         from pipeline import tracking
+        from pipeline.config import ConfigError, to_dict, validate
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -73,11 +73,23 @@ class GridSweeper(BasicSweeper):
             print("attnbench: error: the grid is empty: no cell to run", file=sys.stderr)
             sys.exit(2)
 
-        # compose and check every cell before the first one runs
+        # compose and check every cell before the first one runs: the config, then whether the
+        # cell's task can be laid out at its length (e.g. MQAR's pairs and query distance)
+        checked_tasks: set[tuple[str, int]] = set()
         for job in jobs:
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
             try:
-                validate(to_dict(cfg))
+                d = to_dict(cfg)
+                validate(d)
+                key = (repr(sorted(d["task"].items())), d["seq_len"])
+                if d["scenario"].get("uses_task", True) and key not in checked_tasks:
+                    from pipeline.tasks import build_task
+
+                    try:
+                        build_task(d["task"]).check(int(d["seq_len"]))
+                    except ValueError as e:
+                        raise ConfigError(str(e)) from None
+                    checked_tasks.add(key)
             except ConfigError as e:
                 # one line, before any cell runs (Hydra would print a traceback for an exception)
                 print(f"attnbench: error: {e} (cell: {' '.join(job)})", file=sys.stderr)

@@ -15,10 +15,11 @@ import os
 import socket
 import subprocess
 import time
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from pipeline.registry import REPO_ROOT
 
@@ -62,7 +63,7 @@ def _retry(fn: Callable[[], T], what: str, tries: int = 8) -> T:
     for attempt in range(tries):
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 - MLflow wraps driver errors in several types
+        except Exception as e:
             msg = str(e).lower()
             transient = "locked" in msg or "busy" in msg or "unique constraint" in msg
             if not transient or attempt == tries - 1:
@@ -198,7 +199,7 @@ class Tracker:
             bp, p = p[:100], p[100:]
             bt, t = t[:100], t[100:]
             bm, m = m[: 1000 - len(bp) - len(bt)], m[1000 - len(bp) - len(bt):]
-            _retry(lambda: self.client.log_batch(run_id, metrics=bm, params=bp, tags=bt), "log")
+            _retry(lambda bm=bm, bp=bp, bt=bt: self.client.log_batch(run_id, metrics=bm, params=bp, tags=bt), "log")
 
     def log_json(self, run_id: str, payload: Any, name: str) -> None:
         _retry(lambda: self.client.log_dict(run_id, payload, name), "log artifact")

@@ -14,12 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra import compose, initialize_config_dir
 
-from pipeline.cell import run_cell  # noqa: E402
-from pipeline.config import to_dict  # noqa: E402
-from pipeline.registry import CONF_DIR, discover_variants  # noqa: E402
-from pipeline.tracking import Tracker, tracking_uri  # noqa: E402
+from pipeline.cell import run_cell
+from pipeline.config import to_dict
+from pipeline.registry import CONF_DIR, discover_variants
+from pipeline.tracking import Tracker, tracking_uri
 
 
 def main(argv: list[str] | None = None) -> int:

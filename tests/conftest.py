@@ -33,7 +33,8 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 def compose(overrides: list[str]):
     """The real config tree, composed as `python -m pipeline.run <overrides>` would."""
-    from hydra import compose as hcompose, initialize_config_dir
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hcompose(config_name="config", overrides=overrides)

@@ -81,3 +81,13 @@ def test_hash_ignores_run_switches_but_not_measurements():
 def test_flatten_is_dotted_and_untruncated():
     flat = flatten({"model": {"name": "x" * 600, "window": 8}, "seq_len": 4})
     assert flat == {"model.name": "x" * 600, "model.window": 8, "seq_len": 4}
+
+
+def test_sweep_rejects_an_impossible_task_layout_before_any_cell(tmp_path):
+    """MQAR's pairs and query distance do not fit in 16 tokens: one line, no store, no cell."""
+    r = run_cli(["-m", "scenario=train", "task=mqar", "seq_len=16,64", f"tracking.uri=sqlite:///{tmp_path / 'x.db'}",
+                 f"hydra.sweep.dir={tmp_path / 'mr'}"], timeout=120)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "seq_len" in lines[0] and "mqar" in lines[0], r.stderr
+    assert not (tmp_path / "x.db").exists()

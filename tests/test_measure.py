@@ -11,7 +11,14 @@ import torch
 from conftest import REPO
 
 from models.vanilla import VanillaAttention
-from pipeline.measure import PeakMemory, count_flops, score_entries, score_macs, summarize, time_calls
+from pipeline.measure import (
+    PeakMemory,
+    count_flops,
+    score_entries,
+    score_macs,
+    summarize,
+    time_calls,
+)
 
 
 def test_time_calls_meets_count_and_duration():

@@ -141,3 +141,35 @@ def test_sweep_parent_children_resume_and_oom_skip(tmp_path):
     assert by_n[16].data.tags["status"] == "oom"
     assert by_n[32].data.tags["status"] == "skipped" and by_n[16].info.run_id in by_n[32].data.tags["failure_reason"]
     assert by_n[48].data.tags["status"] == "skipped"
+
+
+@pytest.mark.slow
+def test_sigkilled_sweep_resumes_without_duplicates(tmp_path):
+    """Kill a sweep (and its cell) with SIGKILL mid-way, start it again: the grid completes, no
+    ok cell is run twice, and nothing is left RUNNING without a status."""
+    import signal
+    import time
+
+    uri = f"sqlite:///{tmp_path / 'kill.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "ATTNBENCH_CACHE": str(tmp_path / "cache")}
+    args = [sys.executable, "-m", "pipeline.run", "-m", "model=vanilla", "scenario=kernel",
+            "seq_len=32,48,64,80", "scenario.min_time_s=0.5", "hydra.sweeper.report=false"]
+    proc = subprocess.Popen(args + [f"hydra.sweep.dir={tmp_path / 'a'}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = ""
+    deadline = time.time() + 300
+    while "vanilla-n32-kernel: ok" not in seen and time.time() < deadline:
+        seen += proc.stdout.readline()
+    time.sleep(2.0)  # inside the next cell
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    r = subprocess.run(args + [f"hydra.sweep.dir={tmp_path / 'b'}"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "orphaned" in r.stdout
+    tr = Tracker(uri, "attnbench")
+    cells = [x for x in tr.search("") if x.data.tags.get("attnbench.role") != "sweep"]
+    ok = [x for x in cells if x.data.tags.get("status") == "ok"]
+    assert sorted(int(x.data.params["seq_len"]) for x in ok) == [32, 48, 64, 80]
+    assert not [x for x in tr.search("attributes.status = 'RUNNING'")]

@@ -9,8 +9,9 @@ out-of-memory -> `oom`, `Diverged` -> `diverged`, anything else -> `error`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 SCENARIOS: dict[str, Callable] = {}
 
@@ -41,5 +42,5 @@ class CellResult:
         return self.__dict__.copy()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CellResult":
+    def from_dict(cls, d: dict[str, Any]) -> CellResult:
         return cls(**d)

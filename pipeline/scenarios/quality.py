@@ -110,6 +110,7 @@ def train_model(cfg, device, result: CellResult, task):
         "train/tokens_per_s": timer.tokens_per_step / (s["median"] * 1e-3),
         "train/peak_mem_mb": _max_over_ranks(pm.peak_mb, trainer.strategy.root_device),
         "train/final_loss": timer.losses[-1],
+        "train/world_size": float(trainer.world_size),
         "train/fit_s": fit_s,  # the whole fit: every step, data generation and Lightning's own work
         "val/wall_s": val_s,
     })
