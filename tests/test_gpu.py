@@ -148,7 +148,7 @@ def test_gpu_check_dry_run_prints_the_plan_and_validates_every_cell(tmp_path):
     assert m, out
     assert int(re.search(r"^cells: (\d+)$", out, re.MULTILINE).group(1)) == int(m.group(1)) > 0
     for variant in discover_variants():  # model=glob(*): every variant in the bf16 kernel grid
-        assert re.search(rf"^  kernel +{variant} +dtype=bfloat16 +n=.*131072", out, re.MULTILINE), variant
+        assert re.search(rf"^  kernel +{variant} +dtype=bfloat16 +n=", out, re.MULTILINE), variant
     assert re.search(r"^  train +\w+ .*precision=bf16-mixed n=(\d+),\1\+ckpt$", out, re.MULTILINE), out
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()  # a dry run writes nothing
 
