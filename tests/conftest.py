@@ -31,6 +31,18 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ATTNBENCH_CACHE", str(cache))
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: for tests that check behaviour, not speed; tiny tensors on an
+    oversubscribed machine make OpenMP workers wait on each other (steps 10-50x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def compose(overrides: list[str]):
     """The real config tree, composed as `python -m pipeline.run <overrides>` would."""
     from hydra import compose as hcompose

@@ -16,14 +16,7 @@ T = 32
 VARIANTS = discover_variants()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tests check behaviour, not speed, and tiny tensors on an
-    oversubscribed machine make OpenMP workers wait on each other (steps 10-50x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def model_cfg(name: str) -> dict:

@@ -17,14 +17,7 @@ SMALL_MQAR = ["task=mqar", "task.num_pairs=2", "task.num_keys=8", "task.num_valu
               "seq_len=32", "task.train.batch_size=16", "task.train.warmup_steps=5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tests check behaviour, not speed, and tiny tensors on an
-    oversubscribed machine make OpenMP workers wait on each other (steps 10-50x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def cell(*overrides: str):
