@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.analytic import score_entries, score_macs  # noqa: F401 - re-exported
 from pipeline.registry import cache_dir
 
 # --- device helpers -----------------------------------------------------------

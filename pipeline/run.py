@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.config import ConfigError, check_group_overrides, to_dict, validate
+from pipeline.config import ConfigError, check_group_overrides, to_dict
 
 
 def _fail(msg: str) -> None:
@@ -21,15 +21,12 @@ def _fail(msg: str) -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> str:
+    from pipeline.cell import run_cell  # torch-free: run_cell validates before anything heavy
+    from pipeline.sweep import sweep_info_for_job
     from pipeline.tracking import TrackingError
 
-    d = to_dict(cfg)
     try:
-        validate(d)
-        from pipeline.cell import run_cell
-        from pipeline.sweep import sweep_info_for_job
-
-        return run_cell(d, sweep=sweep_info_for_job())
+        return run_cell(to_dict(cfg), sweep=sweep_info_for_job())
     except (ConfigError, TrackingError) as e:
         _fail(str(e))
     return "error"

@@ -56,7 +56,7 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
-def _retry(fn: Callable[[], T], what: str, tries: int = 8) -> T:
+def _retry(fn: Callable[[], T], tries: int = 8) -> T:
     """SQLite allows one writer at a time: concurrent jobs see 'database is locked' now and then.
     Retrying with back-off is what makes several jobs on one store lose nothing."""
     delay = 0.1
@@ -156,9 +156,7 @@ class Tracker:
             # MlflowClient opens the store (and on a new one creates the tables) when constructed
             with first_open_lock(uri):
                 self.client = MlflowClient(tracking_uri=uri)
-                self.experiment_id = _retry(self._ensure_experiment, "create experiment")
-        except TrackingError:
-            raise
+                self.experiment_id = _retry(self._ensure_experiment)
         except Exception as e:  # noqa: BLE001
             raise TrackingError(f"cannot open tracking store {uri}: {str(e).splitlines()[0]}") from None
 
@@ -181,7 +179,7 @@ class Tracker:
         tags = {k: str(v) for k, v in tags.items()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = _retry(lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=name), "create run")
+        run = _retry(lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=name))
         return run.info.run_id
 
     def log(self, run_id: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
@@ -199,19 +197,19 @@ class Tracker:
             bp, p = p[:100], p[100:]
             bt, t = t[:100], t[100:]
             bm, m = m[: 1000 - len(bp) - len(bt)], m[1000 - len(bp) - len(bt):]
-            _retry(lambda bm=bm, bp=bp, bt=bt: self.client.log_batch(run_id, metrics=bm, params=bp, tags=bt), "log")
+            _retry(lambda bm=bm, bp=bp, bt=bt: self.client.log_batch(run_id, metrics=bm, params=bp, tags=bt))
 
     def log_json(self, run_id: str, payload: Any, name: str) -> None:
-        _retry(lambda: self.client.log_dict(run_id, payload, name), "log artifact")
+        _retry(lambda: self.client.log_dict(run_id, payload, name))
 
     def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path), "log artifact")
+        _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
     def end_run(self, run_id: str, status: str) -> None:
-        _retry(lambda: self.client.set_terminated(run_id, RUN_STATUS.get(status, status)), "end run")
+        _retry(lambda: self.client.set_terminated(run_id, RUN_STATUS.get(status, status)))
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
-        _retry(lambda: self.client.set_tag(run_id, key, value), "set tag")
+        _retry(lambda: self.client.set_tag(run_id, key, value))
 
     # --- look-ups ---------------------------------------------------------------
     def search(self, filter_string: str, max_results: int = 1000) -> list:
@@ -219,7 +217,7 @@ class Tracker:
 
         return _retry(lambda: self.client.search_runs(
             [self.experiment_id], filter_string, run_view_type=ViewType.ACTIVE_ONLY,
-            max_results=max_results, order_by=["attributes.start_time DESC"]), "search")
+            max_results=max_results, order_by=["attributes.start_time DESC"]))
 
     def find_reusable(self, cfg_hash: str):
         """The latest FINISHED run with this config_hash and status ok, or None."""

@@ -11,14 +11,8 @@ import torch
 from conftest import REPO
 
 from models.vanilla import VanillaAttention
-from pipeline.measure import (
-    PeakMemory,
-    count_flops,
-    score_entries,
-    score_macs,
-    summarize,
-    time_calls,
-)
+from pipeline.analytic import score_entries, score_macs
+from pipeline.measure import PeakMemory, count_flops, summarize, time_calls
 
 
 def test_time_calls_meets_count_and_duration():
