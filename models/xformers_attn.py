@@ -9,12 +9,15 @@ Both kernels compute softmax(Q K^T / sqrt(K)) V tile by tile with an online soft
 FlashAttention), so time stays O(T^2 K) but activation memory is O(T K): no T x T tensor.
 
 Kernel choice (recorded in `self.backend`, the reason for not using xFormers in
-`self.fallback_reason`, never a silent fallback):
+`self.fallback_reason`, the xFormers operator that ran in `self.backend_detail`; never a
+silent fallback):
 - `backend="auto"`: `xformers.ops.memory_efficient_attention` on CUDA tensors when xFormers
   imports and its dispatcher accepts the inputs (fp16/bf16, and fp32 where its operators
   support it); otherwise SDPA.
 - `backend="xformers"`: xFormers or a clear error (CPU tensors, missing/broken build).
 - `backend="sdpa"`: SDPA only.
+An xFormers wheel built for another PyTorch cannot load its C++ extension; its attention
+operators that call PyTorch's own kernels still run then (see `xformers_build_note`).
 SDPA backends are tried singly in a fixed order (CPU: flash; CUDA: flash, efficient, cuDNN);
 if none accepts the inputs, the math backend runs and the names of the refusals are recorded.
 
@@ -97,6 +100,59 @@ def load_xformers_ops():
     return xops, None
 
 
+@functools.lru_cache(maxsize=1)
+def xformers_build_note() -> str | None:
+    """None when xFormers' C++ extension loaded; otherwise what is known and what was done.
+
+    An xFormers wheel loads its `_C` extension only with the PyTorch it was built against
+    (0.0.35: torch 2.10 + cu128). When that fails, xFormers marks itself "not built with CUDA"
+    and refuses every CUDA operator, although its attention operators on NVIDIA GPUs do not need
+    `_C` at all: `fa2F/fa2B@<v>-pt` call PyTorch's bundled FlashAttention-2
+    (`aten::_flash_attention_forward`) when the flash-attn package is absent, and `cutlassF/B`
+    call `aten::_efficient_attention_forward`; xFormers itself checks at import that the running
+    PyTorch's schemas for them are the ones it expects. In that case (CUDA build of PyTorch,
+    those operators present) the flag is lifted so its dispatcher picks among them, and this
+    note goes into the run's `backend_detail` tag. Anything else is left refused.
+    """
+    xops, _ = load_xformers_ops()
+    if xops is None or torch.version.cuda is None:
+        return None
+    try:
+        from xformers import _cpp_lib
+        from xformers.ops.fmha import common as fmha_common
+        from xformers.ops.fmha import cutlass, flash
+    except Exception as err:  # noqa: BLE001 - layout of another xFormers release
+        return f"xformers internals not as expected ({type(err).__name__}: {err}); nothing changed"
+    load_error = getattr(_cpp_lib, "_cpp_library_load_exception", None)
+    if load_error is None or getattr(fmha_common, "_built_with_cuda", True):
+        return None
+    why = _one_line(str(load_error), limit=300) or type(load_error).__name__
+    pt_ops = [op.NAME for op in (flash.FwOp, flash.BwOp) if getattr(flash, "_USE_PT_FLASH_ATTN", False)]
+    if str(getattr(cutlass.FwOp.OPERATOR, "_qualified_op_name", "")).startswith("aten::"):
+        pt_ops += [cutlass.FwOp.NAME, cutlass.BwOp.NAME]
+    if not pt_ops:
+        return f"xformers C++ extension not loaded ({why}); no PyTorch-backed operator to use"
+    fmha_common._built_with_cuda = True
+    return (f"xformers C++ extension not loaded ({why}); "
+            f"dispatching among its PyTorch-backed operators {', '.join(pt_ops)}")
+
+
+def _one_line(text: str, limit: int = 1500) -> str:
+    """A multi-line message (xFormers' per-operator refusals) as one line, capped."""
+    flat = " | ".join(line.strip() for line in text.splitlines() if line.strip())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _forward_op_name(xops, q, k, v, bias, needs_gradient: bool) -> str:
+    """Name of the forward operator xFormers' dispatcher picks for these inputs (e.g.
+    "fa2F@2.8.3-pt", "cutlassF-pt"); raises its NotImplementedError when there is none."""
+    fmha = xops.fmha
+    dispatch = getattr(getattr(fmha, "dispatch", None), "_dispatch_fw", None)
+    if dispatch is None:  # another release's layout: the call itself will still dispatch
+        return "unknown"
+    return dispatch(fmha.Inputs(query=q, key=k, value=v, attn_bias=bias), needs_gradient).NAME
+
+
 class XformersAttention(VanillaAttention):
     """Exact softmax attention without the T x T matrix. Same `qkv`/`out` weights as vanilla."""
 
@@ -113,12 +169,17 @@ class XformersAttention(VanillaAttention):
         self.backend_choice = backend
         # why the xFormers kernel did not run in the last forward (None when it ran)
         self.fallback_reason: str | None = None
+        # which xFormers operator ran, and how the build was loaded (None when it did not run)
+        self.backend_detail: str | None = None
 
     def _xformers_unavailable(self, x: torch.Tensor) -> str | None:
         """Why xFormers cannot run on x (None when it may): device first, then the import."""
         if x.device.type != "cuda":
             return f"xformers memory_efficient_attention needs CUDA tensors, got {x.device.type}"
-        return load_xformers_ops()[1]
+        reason = load_xformers_ops()[1]
+        if reason is None:
+            xformers_build_note()  # before the first dispatch: may enable PyTorch-backed operators
+        return reason
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -133,6 +194,7 @@ class XformersAttention(VanillaAttention):
                 raise RuntimeError(f"backend='xformers' cannot run here: {reason}")
         else:
             reason = "backend='sdpa' requested"
+        self.backend_detail = None
         q_BHTK, k_BHTK, v_BHTK = self.split_heads(x_BTD)
         y_BHTK, self.backend, refused = sdpa_recorded(q_BHTK, k_BHTK, v_BHTK, is_causal=self.causal)
         self.fallback_reason = reason if refused is None else f"{reason}; {refused}"
@@ -146,9 +208,12 @@ class XformersAttention(VanillaAttention):
         q_BTHK, k_BTHK, v_BTHK = qkv_BT3HK.unbind(2)  # last-dim stride 1 is all xFormers needs
         bias = xops.LowerTriangularMask() if self.causal else None
         try:
-            return xops.memory_efficient_attention(q_BTHK, k_BTHK, v_BTHK, attn_bias=bias), None
-        except NotImplementedError as err:  # fmha dispatch: "No operator found for ..." inputs
-            return None, f"xformers has no operator for these inputs: {str(err).splitlines()[0]}"
+            op = _forward_op_name(xops, q_BTHK, k_BTHK, v_BTHK, bias, torch.is_grad_enabled())
+            y_BTHK = xops.memory_efficient_attention(q_BTHK, k_BTHK, v_BTHK, attn_bias=bias)
+        except NotImplementedError as err:  # fmha dispatch: "No operator found for ..." + why, per op
+            return None, f"xformers has no operator for these inputs: {_one_line(str(err))}"
+        self.backend_detail = "; ".join(x for x in (f"op {op}", xformers_build_note()) if x)
+        return y_BTHK, None
 
     def mixing_flops(self, batch: int, seq_len: int) -> float:
         # useful work only; the fused kernels skip (most of) the masked half in causal mode

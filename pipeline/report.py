@@ -1168,9 +1168,11 @@ def _section_provenance(doc: Doc, cells: pd.DataFrame) -> None:
         per = [f"{b} ({len(gb)}: {', '.join(sorted(set(gb['tags.scenario'].astype(str))))})"
                for b, gb in ran.groupby("tags.backend", sort=True)]
         notes = sorted(set(g.get("tags.backend_note", pd.Series(dtype=str)).dropna()))
+        details = sorted(set(g.get("tags.backend_detail", pd.Series(dtype=str)).dropna()))
         flag = ["more than one backend ran"] if len(per) > 1 else []
-        rows.append([model, "; ".join(per) or "not logged", "; ".join(flag + notes) or "—"])
-    doc.table(["variant", "backend (cells: scenarios)", "note"], rows)
+        rows.append([model, "; ".join(per) or "not logged", "; ".join(details) or "—",
+                     "; ".join(flag + notes) or "—"])
+    doc.table(["variant", "backend (cells: scenarios)", "operator, build", "why not the preferred kernel"], rows)
     doc.h(3, "Hardware and software")
     rows = []
     for tag in PROVENANCE_TAGS:

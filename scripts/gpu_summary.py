@@ -97,6 +97,10 @@ def probe(site: Path | None) -> int:
         print(f"FAIL xformers does not import: {type(e).__name__}: {e}")
         return 1
     print(f"xformers {xformers.__version__} from {Path(xformers.__file__).parent}")
+    from models.xformers_attn import xformers_build_note  # what the xformers variant does too
+
+    note = xformers_build_note()
+    print(f"xformers build: {note or 'C++ extension loaded'}")
     B, T, H, K = 1, 4096, 4, 64
     g = torch.Generator(device=dev).manual_seed(0)
     q, k, v = (torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
@@ -292,6 +296,10 @@ def summarize(experiment: str, sweep: str | None, uri: str, reference: str = "va
         (f["scenario"] != "kernel") & _col(f, "params.trainer.precision").astype(str).str.startswith("bf16"))
     eff = f[(f["model"] == efficient) & (f["status"] == "ok") & bf16]
     wrong = eff[eff["backend"] != expect_backend]
+    for text in sorted(set(_col(eff, "tags.backend_detail").dropna().astype(str))):
+        say(f"{efficient} operator: {text}")
+    for text in sorted(set(_col(wrong, "tags.backend_note").dropna().astype(str))):
+        say(f"{efficient} fell back because: {text}")
     checks.append((len(eff) > 0 and wrong.empty,
                    f"{efficient} reports backend `{expect_backend}` in every bf16 cell that ran "
                    f"({len(eff)} cells" + (f"; other: {', '.join(sorted(set(wrong['backend'])))}" if len(wrong) else "")

@@ -196,6 +196,35 @@ def test_xformers_forced_backends():
         XformersAttention(D, H, backend="xformers")(x)
 
 
+def test_xformers_build_note_enables_pytorch_backed_operators(monkeypatch):
+    """The installed xFormers wheel, as a CUDA build of PyTorch would see it: when its C++
+    extension did not load, only operators that call PyTorch's own kernels are enabled, and
+    the note says so; with the extension loaded nothing is touched."""
+    import models.xformers_attn as xformers_attn
+    try:
+        from xformers import _cpp_lib
+        from xformers.ops.fmha import common, cutlass
+    except ImportError:
+        pytest.skip("xformers not installed")
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(common, "_built_with_cuda", False)
+    for fn in (xformers_attn.load_xformers_ops, xformers_attn.xformers_build_note):
+        fn.cache_clear()
+    try:
+        monkeypatch.setattr(_cpp_lib, "_cpp_library_load_exception", OSError("built for another torch\nline 2"))
+        note = xformers_attn.xformers_build_note()
+        assert "C++ extension not loaded (built for another torch | line 2)" in note
+        assert cutlass.FwOp.NAME in note and common._built_with_cuda is True
+
+        xformers_attn.xformers_build_note.cache_clear()
+        monkeypatch.setattr(common, "_built_with_cuda", False)
+        monkeypatch.setattr(_cpp_lib, "_cpp_library_load_exception", None)
+        assert xformers_attn.xformers_build_note() is None and common._built_with_cuda is False
+    finally:
+        for fn in (xformers_attn.load_xformers_ops, xformers_attn.xformers_build_note):
+            fn.cache_clear()
+
+
 # ---------------------------------------------------------------------- longformer
 def dense_longformer(m: LongformerAttention, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The pattern of the docstring as a dense (T, T) mask over vanilla scores (reference only)."""

@@ -44,3 +44,13 @@ class CellResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CellResult:
         return cls(**d)
+
+    def note_backend(self, backend: str, mixers) -> None:
+        """Tags `backend` (the kernel that ran), `backend_note` (why a preferred kernel did
+        not run) and `backend_detail` (which operator ran, how its library loaded) from the
+        mixers' attributes of those names."""
+        self.tags["backend"] = str(backend)
+        for attr, tag in (("fallback_reason", "backend_note"), ("backend_detail", "backend_detail")):
+            texts = {str(getattr(m, attr)) for m in mixers if getattr(m, attr, None)}
+            if texts:
+                self.tags[tag] = "; ".join(sorted(texts))

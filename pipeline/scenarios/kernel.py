@@ -39,9 +39,8 @@ def run_kernel(cfg, device: torch.device, result: CellResult) -> None:
     m = result.metrics
     m.update({"kernel/fwd_ms": s["median"], "kernel/fwd_ms_iqr": s["iqr"], "kernel/fwd_ms_min": s["min"],
               "kernel/fwd_repeats": s["count"], "kernel/peak_mem_mb": pm.peak_mb})
-    result.tags.update({"backend": backend, "memory_method": pm.method})
-    if getattr(mixer, "fallback_reason", None):
-        result.tags["backend_note"] = str(mixer.fallback_reason)
+    result.tags["memory_method"] = pm.method
+    result.note_backend(backend, [mixer])
 
     flops = mixer.flops(B, T)
     m.update({"kernel/flops_fwd_analytic": flops["total"], "kernel/flops_fwd_projection": flops["projection"],

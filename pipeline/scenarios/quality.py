@@ -64,13 +64,6 @@ def _max_over_ranks(value: float, device) -> float:
     return value
 
 
-def _note_backend(model, result: CellResult) -> None:
-    result.tags["backend"] = model.backend
-    notes = {str(m.fallback_reason) for m in model.mixers if getattr(m, "fallback_reason", None)}
-    if notes:
-        result.tags["backend_note"] = "; ".join(sorted(notes))
-
-
 def train_model(cfg, device, result: CellResult, task):
     """Fit for the task's budget, validate, fill train/* and val/*; returns the LightningModule."""
     from pipeline.lightning_module import (
@@ -119,7 +112,7 @@ def train_model(cfg, device, result: CellResult, task):
     result.series["train/loss"] = timer.losses
     result.tags["memory_method"] = pm.method
     result.artifacts["train_step_ms.json"] = timer.step_ms
-    _note_backend(model, result)
+    result.note_backend(model.backend, model.mixers)
     return module
 
 
@@ -153,7 +146,7 @@ def infer_model(cfg, device, result: CellResult, task, module=None) -> None:
     })
     result.tags["infer_memory_method"] = pm.method
     result.artifacts["infer_latency_ms.json"] = timer.batch_ms
-    _note_backend(module.model, result)
+    result.note_backend(module.model.backend, module.model.mixers)
 
 
 def fidelity(cfg, device, result: CellResult, task) -> None:
@@ -189,9 +182,7 @@ def fidelity(cfg, device, result: CellResult, task) -> None:
     variant.to(device).eval()
     x_BTD = task.inputs(reference, B, T, int(cfg.seed), device)
     result.metrics.update(task.evaluate(reference, variant, x_BTD))
-    result.tags["backend"] = variant.backend
-    if getattr(variant, "fallback_reason", None):
-        result.tags["backend_note"] = str(variant.fallback_reason)
+    result.note_backend(variant.backend, [variant])
 
 
 @register("train")
