@@ -92,8 +92,19 @@ class LongformerAttention(VanillaAttention):
         L = w + C if self.causal else 2 * w + C
         return w, C, n_chunks, L
 
-    def _chunk_mask(self, T: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Additive (1, n_chunks, C, G+L) mask: 0 where the pattern allows, -inf elsewhere.
+    def _interior(self, T: int) -> tuple[int, int]:
+        """Chunks n0 .. n1-1 are interior: their whole window lies in [g, T), so the globals
+        in front of it are all visible and no key is padding; one (C, G+L) mask serves them all."""
+        w, C, nc, _ = self._geometry(T)
+        n0 = min(nc, -(-(w + self.global_tokens) // C))  # window start nC - w >= g
+        # causal: a real query i < T only sees j <= i; bidirectional: window end nC + C - 1 + w < T
+        n1 = nc if self.causal else (T - C - w) // C + 1
+        return n0, max(n0, min(nc, n1))
+
+    def _chunk_masks(self, T: int, device: torch.device, dtype: torch.dtype) -> list[tuple[int, int, torch.Tensor]]:
+        """[(first chunk, last chunk + 1, additive mask)] covering every chunk: 0 where the pattern
+        allows, -inf elsewhere. Edge chunks get a (1, k, C, G+L) mask each, the interior run one
+        (1, 1, C, G+L) mask broadcast over its chunks (the fused kernel reads it from cache).
 
         A constant of (T, device, dtype), so the last one is kept: repeated calls at one length
         (benchmark repeats, training steps) do not rebuild it.
@@ -103,26 +114,36 @@ class LongformerAttention(VanillaAttention):
             return self._mask_cache[1]
         w, C, nc, L = self._geometry(T)
         g = self.global_tokens
+        n0, n1 = self._interior(T)
         a = torch.arange(C, device=device).view(C, 1)
         b = torch.arange(L, device=device).view(1, L)
         # window key b of chunk n sits at j = nC - w + b, query a at i = nC + a, so i - j = w + a - b:
         # the band depends on (a, b) only ...
         band_CL = (b >= a) & (b <= a + w) if self.causal else (b >= a) & (b <= a + 2 * w)
-        # ... while j >= g (drops the globals, counted once below, and the left padding) and
-        # j < T (right padding) cut a range of b per chunk
-        start = torch.arange(nc, device=device).view(nc, 1) * C - w
-        j_NL = start + b
-        ok = torch.empty(nc, C, g + L, dtype=torch.bool, device=device)
-        torch.logical_and(band_CL, ((j_NL >= g) & (j_NL < T)).unsqueeze(1), out=ok[..., g:])
-        if g:
-            i_NC1 = (torch.arange(nc, device=device).view(nc, 1) * C + a.view(1, C)).unsqueeze(-1)
-            jg = torch.arange(g, device=device)
-            ok[..., :g] = (jg <= i_NC1) if self.causal else True
-        if nc * C > T:  # padded query rows (last chunk): discarded later; keep them finite
-            ok.view(nc * C, g + L)[T:] = True
-        mask = torch.zeros(1, nc, C, g + L, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
-        self._mask_cache = (key, mask)
-        return mask
+
+        def mask_of(chunks: torch.Tensor) -> torch.Tensor:
+            # ... while j >= g (drops the globals, counted once in front, and the left padding)
+            # and j < T (right padding) cut a range of b per chunk
+            k = len(chunks)
+            j_NL = chunks.view(k, 1) * C - w + b
+            ok = torch.empty(k, C, g + L, dtype=torch.bool, device=device)
+            torch.logical_and(band_CL, ((j_NL >= g) & (j_NL < T)).unsqueeze(1), out=ok[..., g:])
+            if g:
+                i_NC1 = (chunks.view(k, 1) * C + a.view(1, C)).unsqueeze(-1)
+                jg = torch.arange(g, device=device)
+                ok[..., :g] = (jg <= i_NC1) if self.causal else True
+            rows_ok = ok.view(k * C, g + L)
+            rows_ok[(chunks.view(k, 1) * C + a.view(1, C)).view(-1) >= T] = True  # padded query rows: kept finite
+            return torch.zeros(1, k, C, g + L, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
+
+        runs = []
+        for lo, hi in ((0, n0), (n0, n1), (n1, nc)):
+            if hi > lo:
+                edge = lo != n0 or hi != n1
+                chunks = torch.arange(lo, hi, device=device) if edge else torch.tensor([n0], device=device)
+                runs.append((lo, hi, mask_of(chunks)))
+        self._mask_cache = (key, runs)
+        return runs
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -147,8 +168,11 @@ class LongformerAttention(VanillaAttention):
             vg_XNGK = v_BHTK[:, :, :g].reshape(B * H, 1, g, K).expand(B * H, nc, g, K)
             k_XNLK = torch.cat([kg_XNGK, k_XNLK], dim=2)  # (X, nc, G+L, K)
             v_XNLK = torch.cat([vg_XNGK, v_XNLK], dim=2)
-        mask = self._chunk_mask(T, x_BTD.device, q_XNCK.dtype)
-        y_XNCK, kernel, _ = sdpa_recorded(q_XNCK, k_XNLK, v_XNLK, attn_mask=mask)
+        parts = []
+        for lo, hi, mask in self._chunk_masks(T, x_BTD.device, q_XNCK.dtype):
+            y, kernel, _ = sdpa_recorded(q_XNCK[:, lo:hi], k_XNLK[:, lo:hi], v_XNLK[:, lo:hi], attn_mask=mask)
+            parts.append(y)
+        y_XNCK = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         y_BHTK = y_XNCK.reshape(B, H, nc * C, K)[:, :, :T]
 
         if g:
@@ -168,7 +192,8 @@ class LongformerAttention(VanillaAttention):
         X = batch * self.n_heads
         windows = 2 * X * nc * (G + L) * self.head_dim  # gathered K and V windows (saved for backward)
         padded = 3 * X * (nc * C + 2 * w) * self.head_dim  # padded q, k, v
-        mask = nc * C * (G + L)
+        n0, n1 = self._interior(seq_len)
+        mask = (nc - (n1 - n0) + 1) * C * (G + L)  # edge chunks' masks and the interior one
         linear = 8 * batch * seq_len * self.d_model  # projections, output, as vanilla counts them
         lse = X * nc * C  # fp32 row statistics of the fused kernel
         return int((windows + padded + mask + linear) * dtype_bytes + 4 * lse)

@@ -1109,18 +1109,24 @@ def _section_theory(doc: Doc, lines: list[Line], colours: dict, out: Path) -> No
             peak = float(g["params.gemm_peak_tflops"].median()) if "params.gemm_peak_tflops" in g else None
             counted_txt = _fmt(counted) if counted else "not counted"
             ratio = _fmt(counted / total) if counted and total else "—"
+            mix_frac = med("kernel/mixing_peak_fraction")
             rows.append([ln.label, f"{int(n):,}", _fmt(total),
                          f"{100 * proj / total:.1f}%" if total and proj is not None else "—",
                          f"{100 * mix / total:.1f}%" if total and mix is not None else "—",
                          counted_txt, ratio, _fmt(med("kernel/tflops")), _fmt(peak),
-                         f"{100 * frac:.2f}%" if frac is not None else "—"])
+                         f"{100 * frac:.2f}%" if frac is not None else "—",
+                         f"{100 * mix_frac:.2f}%" if mix_frac is not None else "—"])
     doc.table(["line", "n", "analytic FLOPs", "projection", "mixing", "counted FLOPs", "counted / analytic",
-               "achieved TFLOP/s", "GEMM peak TFLOP/s", "of peak"], rows)
+               "achieved TFLOP/s", "GEMM peak TFLOP/s", "of peak", "mixing alone, of peak"], rows)
     doc.p("Counted FLOPs come from `torch.utils.flop_counter`; a kernel it has no formula for "
           "counts nothing, shown as \"not counted\" (never as 0). A counted/analytic ratio below 1 means "
           "part of the work ran in such a kernel (e.g. a fused attention); above 1, that the counter "
           "charged work the analytic count skips (e.g. the masked half of a causal score matrix). "
-          "Achieved TFLOP/s is analytic (useful) forward FLOPs over the median forward time.")
+          "Achieved TFLOP/s is analytic (useful) forward FLOPs over the median forward time. "
+          "\"Mixing alone\" is the mixing FLOPs (for exact attention the 4·B·H·n²·d_k of QKᵀ and PV, "
+          "halved when causal; for the sliding window only the (query, key) pairs of its band; "
+          "for Performer its feature maps and sums; for the SSM its FFT convolution) over the "
+          "forward time minus the time of the mixer's projections run alone.")
 
 
 def _section_memory_wall(doc: Doc, lines: list[Line], budget_gb: float | None) -> None:

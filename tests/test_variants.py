@@ -244,7 +244,7 @@ def dense_longformer(m: LongformerAttention, x: torch.Tensor) -> tuple[torch.Ten
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("T,window,globals_,chunk", [
     (1, 3, 0, 4), (1, 3, 1, 4), (7, 2, 1, 4), (37, 5, 3, 8), (37, 5, 0, 8), (64, 16, 4, 16),
-    (33, 4, 6, 3), (40, 9, 2, 32),
+    (33, 4, 6, 3), (40, 9, 2, 32), (203, 16, 4, 16),
 ])
 def test_longformer_equals_dense_masked_reference(causal, T, window, globals_, chunk):
     torch.manual_seed(0)
@@ -258,6 +258,14 @@ def test_longformer_equals_dense_masked_reference(causal, T, window, globals_, c
     assert pattern_pairs(T, window, globals_, causal) == pairs  # the FLOP count is exact
     assert m.mixing_flops(2, T) == 4 * 2 * H * (D // H) * pairs
     assert m.backend.startswith("blockwise-band")
+    # masks cover every chunk once; interior chunks share one broadcast (1, 1, C, G+L) mask
+    runs = m._chunk_masks(T, x.device, x.dtype)
+    n0, n1 = m._interior(T)
+    assert [lo for lo, _, _ in runs][0] == 0 and runs[-1][1] == -(-T // min(chunk, T))
+    assert all(hi == lo2 for (_, hi, _), (lo2, _, _) in zip(runs, runs[1:]))
+    assert all(mask.shape[1] == (1 if (lo, hi) == (n0, n1) else hi - lo) for lo, hi, mask in runs)
+    if T == 203:
+        assert n1 - n0 >= 8  # this case has a long interior
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -56,8 +56,21 @@ def run_kernel(cfg, device: torch.device, result: CellResult) -> None:
     result.params["gemm_peak_tflops"] = round(peak, 4)
     achieved = flops["total"] / (s["median"] * 1e-3) / 1e12
     m.update({"kernel/tflops": achieved, "kernel/peak_fraction": achieved / peak})
-
     samples = {"fwd_ms": fwd_ms}
+
+    # the mixing core alone: the mixer's projections (its nn.Linear layers, on inputs of this
+    # shape) are timed by themselves, and the core's time is the forward's median minus theirs;
+    # mixing FLOPs over that time is the rate of the attention (or band, or scan) proper
+    proj = _projections(mixer, B, T, device, dtype)
+    if proj is not None:
+        proj_ms = time_calls(proj, device, **timing)
+        mix_ms = s["median"] - summarize(proj_ms)["median"]
+        m["kernel/proj_ms"] = summarize(proj_ms)["median"]
+        samples["proj_ms"] = proj_ms
+        if mix_ms > 0.05 * s["median"]:  # below that the difference is noise, not a time
+            mix_rate = flops["mixing"] / (mix_ms * 1e-3) / 1e12
+            m.update({"kernel/mix_ms": mix_ms, "kernel/mixing_tflops": mix_rate,
+                      "kernel/mixing_peak_fraction": mix_rate / peak})
     fwdbwd_fits = result.params.get("predicted_mem_fwdbwd_mb", 0) <= result.params.get("budget_mem_mb", float("inf"))
     if sc.get("fwdbwd", True) and not fwdbwd_fits:
         result.tags["fwdbwd_skipped"] = (f"predicted {result.params['predicted_mem_fwdbwd_mb'] / 1024:.2f} GiB "
@@ -80,3 +93,18 @@ def run_kernel(cfg, device: torch.device, result: CellResult) -> None:
                   "kernel/fwdbwd_ms_min": s2["min"], "kernel/peak_mem_fwdbwd_mb": pm2.peak_mb})
         samples["fwdbwd_ms"] = fb_ms
     result.artifacts["timings.json"] = samples
+
+
+def _projections(mixer: torch.nn.Module, B: int, T: int, device, dtype):
+    """A no-grad call of every nn.Linear of the mixer on a (B, T, in_features) input, or None."""
+    lins = [mod for mod in mixer.modules() if isinstance(mod, torch.nn.Linear)]
+    if not lins:
+        return None
+    xs = {f: torch.randn(B, T, f, device=device, dtype=dtype) for f in {lin.in_features for lin in lins}}
+
+    def run():
+        with torch.no_grad():
+            for lin in lins:
+                lin(xs[lin.in_features])
+
+    return run
