@@ -122,12 +122,14 @@ class PerformerAttention(VanillaAttention):
         self.proj_MK.copy_(new.to(self.proj_MK))
 
     def _logits(self, x_BHTK: torch.Tensor, with_norm: bool = True) -> torch.Tensor:
-        """W x - |x|^2 / 2 for x = input / K^(1/4): the exponent of phi before stabilisation."""
-        x_BHTK = x_BHTK * self.head_dim ** -0.25
-        w_MK = self.proj_MK.to(x_BHTK.dtype)
+        """W x - |x|^2 / 2 for x = input / K^(1/4): the exponent of phi before stabilisation.
+        The 1/K^(1/4) goes into the (M, K) weights and the norm, not over the (B, H, T, K) input."""
+        scale = self.head_dim ** -0.25
+        w_MK = (self.proj_MK * scale).to(x_BHTK.dtype)
         l_BHTM = x_BHTK @ w_MK.T
         if with_norm:  # in place on the fresh matmul output: (B, H, T, M) is the largest tensor here
-            l_BHTM.sub_(0.5 * (x_BHTK * x_BHTK).sum(-1, keepdim=True))
+            sq_BHT1 = torch.linalg.vector_norm(x_BHTK, dim=-1, keepdim=True).square()
+            l_BHTM.sub_(sq_BHT1, alpha=0.5 * scale * scale)
         return l_BHTM
 
     @staticmethod
@@ -149,8 +151,9 @@ class PerformerAttention(VanillaAttention):
             q_BHTK, k_BHTK, v_BHTK = F.pad(q_BHTK, pad), F.pad(k_BHTK, pad), F.pad(v_BHTK, pad)
         # the 1/sqrt(M) of phi cancels between numerator and denominator, so it is left out
         # a query's -|x|^2/2 is constant along its row, so it cancels with the row max: skip it
-        lq_BHTM = self._logits(q_BHTK, with_norm=False)
-        phiq_BHTM = self._exp_minus(lq_BHTM, lq_BHTM.amax(-1, keepdim=True))
+        # and so does any other per-query factor: softmax over the features (one fused pass) is
+        # exp(l - row max) divided by its row sum, both constant along the row
+        phiq_BHTM = self._logits(q_BHTK, with_norm=False).softmax(dim=-1)
         lk_BHTM = self._logits(k_BHTK)
         if self.causal:
             num_BHTK, den_BHT = self._causal(phiq_BHTM, lk_BHTM, v_BHTK, C)
