@@ -132,7 +132,7 @@ def validate(cfg: DictConfig | Mapping) -> None:
     for key in ("min_repeats",):
         if key in sc:
             _positive_int(sc, key, f"scenario.{key}")
-    for key in ("warmup", "min_time_s", "max_time_s"):
+    for key in ("warmup", "warmup_s", "min_time_s", "max_time_s"):
         if key in sc and (not isinstance(sc[key], (int, float)) or sc[key] < 0):
             raise ConfigError(f"scenario.{key} must be >= 0, got {sc[key]!r}")
 

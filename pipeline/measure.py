@@ -62,15 +62,25 @@ def time_calls(
     min_repeats: int = 5,
     min_time_s: float = 1.0,
     max_time_s: float = 30.0,
+    warmup_s: float = 0.0,
 ) -> list[float]:
-    """Milliseconds of each timed call of `fn`: `warmup` untimed calls, then calls until both
-    `min_repeats` calls and `min_time_s` seconds are reached (or `max_time_s` passes; at least
-    one call is always timed). The device is synchronised around every call; on CUDA the time
-    comes from CUDA events, which time the device work itself."""
+    """Milliseconds of each timed call of `fn`: untimed calls until both `warmup` calls and
+    `warmup_s` seconds are reached, then timed calls until both `min_repeats` calls and
+    `min_time_s` seconds are reached (or `max_time_s` passes; at least one call is always timed).
+    The device is synchronised around every call; on CUDA the time comes from CUDA events, which
+    time the device work itself.
+
+    Why a warm-up by time too: on CPU the first calls of a kernel that allocates large buffers
+    fault in fresh pages until the heap has grown to its working set, which takes a few calls
+    (measured: an FFT-convolution mixer at n=8192 ran its 2nd-4th calls 30-70% slower than
+    the rest), more than a fixed count of 2 covers for fast kernels."""
     device = torch.device(device)
-    for _ in range(warmup):
+    start = time.perf_counter()
+    done = 0
+    while done < warmup or (time.perf_counter() - start < warmup_s and done < warmup + 100):
         fn()
-    sync(device)
+        sync(device)
+        done += 1
     use_events = device.type == "cuda"
     samples: list[float] = []
     start = time.perf_counter()

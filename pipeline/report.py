@@ -356,7 +356,7 @@ def _config_keys() -> set[str]:
 
 
 # how long a cell measures, not what: never a line of its own
-TIMING_KNOBS = {"scenario.warmup", "scenario.min_repeats", "scenario.min_time_s", "scenario.max_time_s",
+TIMING_KNOBS = {"scenario.warmup", "scenario.warmup_s", "scenario.min_repeats", "scenario.min_time_s", "scenario.max_time_s",
                 "scenario.count_flops", "scenario.warmup_steps", "scenario.batches"}
 
 

@@ -115,7 +115,7 @@ def test_oversized_cell_is_recorded_as_oom_and_the_next_cell_runs(store_uri):
     next cell, in a fresh process, runs ok on the same GPU."""
     exp = "gpu-oom"
     base = ["model=vanilla", "trainer=gpu", "backbone=small", "backbone.dtype=bfloat16", "isolate=true",
-            "timeout_s=120", "scenario.min_time_s=0", "scenario.min_repeats=2", "scenario.warmup=1",
+            "timeout_s=120", "scenario.min_time_s=0", "scenario.min_repeats=2", "scenario.warmup=1", "scenario.warmup_s=0",
             "scenario.count_flops=false", f"tracking.uri={store_uri}", f"tracking.experiment={exp}"]
     big = to_dict(compose([*base, "seq_len=262144", "budget.memory_gb=1000000"]))
     assert run_cell(big, quiet=True) == "oom"

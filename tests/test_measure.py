@@ -23,6 +23,13 @@ def test_time_calls_meets_count_and_duration():
     assert all(s >= 9 for s in samples)
 
 
+def test_time_calls_warms_up_by_count_and_by_time():
+    calls = []
+    samples = time_calls(lambda: (calls.append(1), time.sleep(0.01)), "cpu", warmup=1, warmup_s=0.1,
+                         min_repeats=2, min_time_s=0)
+    assert len(samples) == 2 and len(calls) - 2 >= 8  # ~0.1 s of 10 ms calls, untimed
+
+
 def test_time_calls_stops_at_max_time_with_one_sample():
     samples = time_calls(lambda: time.sleep(0.05), "cpu", warmup=0, min_repeats=1000, min_time_s=0, max_time_s=0.01)
     assert len(samples) == 1

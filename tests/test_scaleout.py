@@ -24,7 +24,7 @@ from pipeline.tracking import Tracker
 
 # The smoke grid's kernel cells (every variant) at a toy length, measured as briefly as the
 # kernel scenario allows: what is under test is where cells run and what reaches MLflow.
-BRIEF = ["scenario=kernel", "scenario.min_time_s=0", "scenario.min_repeats=2", "scenario.warmup=1",
+BRIEF = ["scenario=kernel", "scenario.min_time_s=0", "scenario.min_repeats=2", "scenario.warmup=1", "scenario.warmup_s=0",
          "hydra.sweeper.report=false"]
 KERNEL_GRID = ["model=glob(*)", "seq_len=32", *BRIEF]
 # Many-writer tests: two cells of the reference variant per sweep, recorded as cheaply as possible.

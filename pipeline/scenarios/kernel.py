@@ -20,7 +20,7 @@ def run_kernel(cfg, device: torch.device, result: CellResult) -> None:
     B, T, D = int(cfg.batch_size), int(cfg.seq_len), int(bb.d_model)
     mixer = build_mixer(cfg.model, d_model=D, n_heads=bb.n_heads, causal=cfg.causal).to(device=device, dtype=dtype)
     x_BTD = torch.randn(B, T, D, device=device, dtype=dtype)
-    timing = dict(warmup=int(sc.warmup), min_repeats=int(sc.min_repeats),
+    timing = dict(warmup=int(sc.warmup), warmup_s=float(sc.get("warmup_s", 0.0)), min_repeats=int(sc.min_repeats),
                   min_time_s=float(sc.min_time_s), max_time_s=float(sc.max_time_s))
 
     def fwd():
