@@ -12,10 +12,12 @@ How it is computed, in O(T (w + g)) time and memory, never a T x T tensor or mas
 2. chunk n (queries nC .. nC+C-1) sees the keys nC-w .. nC+C-1 (causal) or nC-w .. nC+C-1+w
    (bidirectional): an overlapping window of length L = w+C (or 2w+C) taken with `unfold` from
    the zero-padded keys, with the g global keys prepended, so every chunk has G+L keys;
-3. one batched fused SDPA call over all chunks at once (the chunks ride in SDPA's head axis)
-   with an additive (1, n_chunks, C, G+L) mask that keeps exactly the pattern above: inside the
-   window the band, keys j < g removed from the window (they are counted once, as globals),
-   padding removed; on the global keys j <= i when causal;
+3. batched fused SDPA calls over the chunks (they ride in SDPA's head axis) with additive masks
+   that keep exactly the pattern above: inside the window the band, keys j < g removed from
+   the window (they are counted once, as globals), padding removed; on the global keys j <= i
+   when causal. Interior chunks (window inside [g, T)) all have the same (C, G+L) mask, so they
+   run in one call with that mask broadcast; the few edge chunks at either end run with a mask
+   each;
 4. the g global query rows are recomputed against all T keys ((g, T) scores, g < T) and
    replace their chunk rows.
 C = 256 measured fastest on a 2-core AVX-512 CPU (fp32, w = 512): smaller chunks waste less of
