@@ -208,7 +208,8 @@ class XformersAttention(VanillaAttention):
         q_BTHK, k_BTHK, v_BTHK = qkv_BT3HK.unbind(2)  # last-dim stride 1 is all xFormers needs
         bias = xops.LowerTriangularMask() if self.causal else None
         try:
-            op = _forward_op_name(xops, q_BTHK, k_BTHK, v_BTHK, bias, torch.is_grad_enabled())
+            needs_grad = torch.is_grad_enabled() and q_BTHK.requires_grad
+            op = _forward_op_name(xops, q_BTHK, k_BTHK, v_BTHK, bias, needs_grad)
             y_BTHK = xops.memory_efficient_attention(q_BTHK, k_BTHK, v_BTHK, attn_bias=bias)
         except NotImplementedError as err:  # fmha dispatch: "No operator found for ..." + why, per op
             return None, f"xformers has no operator for these inputs: {_one_line(str(err))}"

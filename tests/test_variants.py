@@ -16,7 +16,7 @@ from models.longformer import LongformerAttention, pattern_pairs
 from models.performer import PerformerAttention, decayed_prefix
 from models.ssm import S4DMixer
 from models.vanilla import VanillaAttention
-from models.xformers_attn import XformersAttention
+from models.xformers_attn import XformersAttention, load_xformers_ops
 from pipeline.registry import build_mixer, discover_variants, load_variant_cfg
 
 VARIANTS = discover_variants()
@@ -194,6 +194,18 @@ def test_xformers_forced_backends():
     assert m.backend.startswith("sdpa-") and "requested" in m.fallback_reason
     with pytest.raises(RuntimeError, match="backend='xformers' cannot run here: .*CUDA"):
         XformersAttention(D, H, backend="xformers")(x)
+
+
+def test_xformers_refusal_keeps_every_operators_reason():
+    """When xFormers' dispatcher has no operator, the recorded reason is one line that still
+    names why each operator refused (here: CPU tensors), not just the first line."""
+    if load_xformers_ops()[0] is None:
+        pytest.skip("xformers not installed")
+    m = XformersAttention(D, H, causal=True)
+    y, reason = m._xformers(torch.randn(1, 16, D))
+    assert y is None and "\n" not in reason
+    assert reason.startswith("xformers has no operator for these inputs: No operator found")
+    assert "is not supported because: | device=cpu" in reason  # each refused operator's why
 
 
 def test_xformers_build_note_enables_pytorch_backed_operators(monkeypatch):
