@@ -178,6 +178,10 @@ def _write_sweep(uri: str, exp: str, xformers_backend: str = "xformers") -> None
                 "xformers_version": "0.0.35", "failure_reason": reason}
         if backend:
             tags["backend"] = backend
+        if backend == "xformers":
+            tags["backend_detail"] = "op fa2F@2.7.4-pt; xformers C++ extension not loaded (test)"
+        elif model == "xformers" and backend:
+            tags["backend_note"] = "xformers has no operator for these inputs: (test)"
         run = tr.create_run(f"{model}-n{n}-{scenario}", tags, parent)
         params = {"seq_len": n, "backbone.dtype": dtype, "trainer.grad_checkpointing": ckpt,
                   "trainer.precision": "bf16-mixed" if scenario == "train" else "32-true"}
@@ -224,6 +228,8 @@ def test_summary_of_a_gpu_check_sweep(store_uri):
     assert re.search(r"^vanilla +4096 torch-matmul +4000 +1000 +-75% +40\.0 +52\.0 +\+30%$", text, re.MULTILINE), text
     assert "PASS  vanilla bf16 ran, then hit the memory limit within the grid (first at n=65536: oom)" in text
     assert "PASS  xformers bf16 ran at every length up to n=131072" in text
+    assert "xformers operator: op fa2F@2.7.4-pt; xformers C++ extension not loaded (test)" in text
+    assert "fell back because" not in text
     assert text.rstrip().endswith("result: 5/5 checks passed")
 
 
@@ -233,3 +239,4 @@ def test_summary_fails_when_xformers_fell_back_in_bf16(store_uri):
     assert _gpu_summary().summarize("summary-fallback", "s1", store_uri, out=buf) == 1
     assert "FAIL  xformers reports backend `xformers` in every bf16 cell that ran (8 cells; other: sdpa-flash)" \
         in buf.getvalue()
+    assert "xformers fell back because: xformers has no operator for these inputs: (test)" in buf.getvalue()
