@@ -20,6 +20,12 @@ How it is computed, in O(T (w + g)) time and memory, never a T x T tensor or mas
    each;
 4. the g global query rows are recomputed against all T keys ((g, T) scores, g < T) and
    replace their chunk rows.
+On CPU, step 3 does not gather: each chunk's window keys stay an overlapping view of the padded
+keys, and the g global keys are a second fused call over all queries; the two partial softmaxes
+are merged by their log-sum-exps (`WindowAndGlobals`, with the matching backward). Measured at
+n = 16384 (w = 512, g = 16, 2 threads): forward 103-110 ms instead of 113-115 and forward peak
+memory 180 MB instead of 265; forward+backward 5% faster. `split_globals = False` (and every
+other device) runs step 3 as described, through `sdpa_recorded`.
 C = 256 measured fastest on a 2-core AVX-512 CPU (fp32, w = 512): smaller chunks waste less of
 the window but run SDPA's CPU kernel on too-short query blocks.
 
@@ -65,6 +71,60 @@ def _pad_time(x_BHTK: torch.Tensor, left: int, right: int) -> torch.Tensor:
     return torch.cat(parts, dim=2) if len(parts) > 1 else x_BHTK.contiguous()
 
 
+# PyTorch's fused CPU attention with its log-sum-exp (None on a build without it: then the
+# one-softmax path runs on CPU too)
+_flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_cpu_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+class WindowAndGlobals(torch.autograd.Function):
+    """Softmax attention of each query over two disjoint key sets, its chunk's window and the
+    g global keys, from two fused CPU flash calls merged by their log-sum-exps:
+        out = (e^lse_w out_w + e^lse_g out_g) / (e^lse_w + e^lse_g),  lse = logaddexp(lse_w, lse_g).
+    Backward: the softmax over the union has the merged (out, lse) as its statistics, so each
+    part's flash backward, given those instead of its own, returns that part's share of the
+    gradient (the usual split-KV rule); the query gradients add up.
+    Inputs: q (X, nc, C, K); window keys/values (X, nc, L, K), overlapping views are fine;
+    global keys/values (X, g, K) or None; runs of (first chunk, end chunk, window mask).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, kg, vg, runs):
+        parts = [_flash_cpu(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], 0.0, False, attn_mask=mask)
+                 for lo, hi, mask in runs]
+        out = torch.cat([o for o, _ in parts], dim=1) if len(parts) > 1 else parts[0][0]
+        lse = torch.cat([s for _, s in parts], dim=1) if len(parts) > 1 else parts[0][1]
+        if kg is not None:
+            X, nc, C, K = q.shape
+            out_g, lse_g = _flash_cpu(q.reshape(X, 1, nc * C, K), kg.unsqueeze(1), vg.unsqueeze(1), 0.0, False)
+            merged = torch.logaddexp(lse, lse_g.view_as(lse))
+            w_win = (lse - merged).exp_().unsqueeze(-1).to(out.dtype)  # lse is fp32 whatever q is
+            w_glob = (lse_g.view_as(lse) - merged).exp_().unsqueeze(-1).to(out.dtype)
+            out = (out * w_win).add_(out_g.view_as(out) * w_glob)
+            lse = merged
+        ctx.save_for_backward(q, k, v, kg, vg, out, lse)
+        ctx.runs = runs
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, kg, vg, out, lse = ctx.saved_tensors
+        dout = dout.contiguous()
+        grads = [_flash_cpu_backward(dout[:, lo:hi], q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], out[:, lo:hi],
+                                     lse[:, lo:hi], 0.0, False, attn_mask=mask)
+                 for lo, hi, mask in ctx.runs]
+        dq, dk, dv = (torch.cat(parts, dim=1) if len(grads) > 1 else parts[0] for parts in zip(*grads))
+        dkg = dvg = None
+        if kg is not None:
+            X, nc, C, K = q.shape
+            flat = (X, 1, nc * C, K)
+            dq_g, dkg, dvg = _flash_cpu_backward(dout.view(flat), q.reshape(flat), kg.unsqueeze(1), vg.unsqueeze(1),
+                                                 out.reshape(flat), lse.reshape(X, 1, nc * C), 0.0, False)
+            dq = dq + dq_g.view_as(dq)
+            dkg, dvg = dkg.squeeze(1), dvg.squeeze(1)
+        return dq, dk, dv, dkg, dvg, None
+
+
 class LongformerAttention(VanillaAttention):
     """Sliding window of one-sided width `window` plus `global_tokens` global positions."""
 
@@ -73,6 +133,9 @@ class LongformerAttention(VanillaAttention):
     materialises_scores = False
     time_order = 1.0
     memory_order = 1.0
+    # CPU: window and global keys as two fused calls merged by log-sum-exp (no window copies);
+    # False runs the one-softmax path every device uses (the tests run both)
+    split_globals = True
 
     def __init__(self, d_model: int, n_heads: int, causal: bool = True, bias: bool = False,
                  window: int = 512, global_tokens: int = 16, chunk_size: int = 256):
@@ -103,19 +166,22 @@ class LongformerAttention(VanillaAttention):
         n1 = nc if self.causal else (T - C - w) // C + 1
         return n0, max(n0, min(nc, n1))
 
-    def _chunk_masks(self, T: int, device: torch.device, dtype: torch.dtype) -> list[tuple[int, int, torch.Tensor]]:
+    def _chunk_masks(self, T: int, device: torch.device, dtype: torch.dtype,
+                     with_globals: bool = True) -> list[tuple[int, int, torch.Tensor]]:
         """[(first chunk, last chunk + 1, additive mask)] covering every chunk: 0 where the pattern
         allows, -inf elsewhere. Edge chunks get a (1, k, C, G+L) mask each, the interior run one
         (1, 1, C, G+L) mask broadcast over its chunks (the fused kernel reads it from cache).
+        `with_globals=False`: the window columns only, (.., C, L).
 
         A constant of (T, device, dtype), so the last one is kept: repeated calls at one length
         (benchmark repeats, training steps) do not rebuild it.
         """
-        key = (T, str(device), dtype)
+        key = (T, str(device), dtype, with_globals)
         if self._mask_cache is not None and self._mask_cache[0] == key:
             return self._mask_cache[1]
         w, C, nc, L = self._geometry(T)
         g = self.global_tokens
+        G = g if with_globals else 0
         n0, n1 = self._interior(T)
         a = torch.arange(C, device=device).view(C, 1)
         b = torch.arange(L, device=device).view(1, L)
@@ -128,15 +194,18 @@ class LongformerAttention(VanillaAttention):
             # and j < T (right padding) cut a range of b per chunk
             k = len(chunks)
             j_NL = chunks.view(k, 1) * C - w + b
-            ok = torch.empty(k, C, g + L, dtype=torch.bool, device=device)
-            torch.logical_and(band_CL, ((j_NL >= g) & (j_NL < T)).unsqueeze(1), out=ok[..., g:])
-            if g:
-                i_NC1 = (chunks.view(k, 1) * C + a.view(1, C)).unsqueeze(-1)
+            ok = torch.empty(k, C, G + L, dtype=torch.bool, device=device)
+            torch.logical_and(band_CL, ((j_NL >= g) & (j_NL < T)).unsqueeze(1), out=ok[..., G:])
+            i_NC = chunks.view(k, 1) * C + a.view(1, C)
+            if G:
                 jg = torch.arange(g, device=device)
-                ok[..., :g] = (jg <= i_NC1) if self.causal else True
-            rows_ok = ok.view(k * C, g + L)
-            rows_ok[(chunks.view(k, 1) * C + a.view(1, C)).view(-1) >= T] = True  # padded query rows: kept finite
-            return torch.zeros(1, k, C, g + L, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
+                ok[..., :G] = (jg <= i_NC.unsqueeze(-1)) if self.causal else True
+            # rows whose output is thrown away keep a finite softmax: padded query rows see
+            # everything, and the global query rows i < g (recomputed against all keys later)
+            # their own key i (b = a + w), which their window may otherwise leave empty
+            ok.view(k * C, G + L)[i_NC.view(-1) >= T] = True
+            ok[..., G:].diagonal(offset=w, dim1=-2, dim2=-1)[i_NC < g] = True
+            return torch.zeros(1, k, C, G + L, dtype=dtype, device=device).masked_fill_(~ok, float("-inf"))
 
         runs = []
         for lo, hi in ((0, n0), (n0, n1), (n1, nc)):
@@ -165,16 +234,15 @@ class LongformerAttention(VanillaAttention):
         v_XSK = _pad_time(v_BHTK, w, right).view(B * H, -1, K)
         k_XNLK = k_XSK.unfold(1, L, C).transpose(-1, -2)  # (X, nc, L, K) overlapping view
         v_XNLK = v_XSK.unfold(1, L, C).transpose(-1, -2)
-        if g:
-            kg_XNGK = k_BHTK[:, :, :g].reshape(B * H, 1, g, K).expand(B * H, nc, g, K)
-            vg_XNGK = v_BHTK[:, :, :g].reshape(B * H, 1, g, K).expand(B * H, nc, g, K)
-            k_XNLK = torch.cat([kg_XNGK, k_XNLK], dim=2)  # (X, nc, G+L, K)
-            v_XNLK = torch.cat([vg_XNGK, v_XNLK], dim=2)
-        parts = []
-        for lo, hi, mask in self._chunk_masks(T, x_BTD.device, q_XNCK.dtype):
-            y, kernel, _ = sdpa_recorded(q_XNCK[:, lo:hi], k_XNLK[:, lo:hi], v_XNLK[:, lo:hi], attn_mask=mask)
-            parts.append(y)
-        y_XNCK = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        if self.split_globals and x_BTD.device.type == "cpu" and _flash_cpu_backward is not None:
+            # the windows stay overlapping views (no copy); the globals are their own keys
+            kg_XGK = k_BHTK[:, :, :g].reshape(B * H, g, K) if g else None
+            vg_XGK = v_BHTK[:, :, :g].reshape(B * H, g, K) if g else None
+            runs = self._chunk_masks(T, x_BTD.device, q_XNCK.dtype, with_globals=False)
+            y_XNCK = WindowAndGlobals.apply(q_XNCK, k_XNLK, v_XNLK, kg_XGK, vg_XGK, runs)
+            kernel = "sdpa-flash-lse-merge"
+        else:
+            y_XNCK, kernel = self._window_with_globals(T, q_XNCK, k_XNLK, v_XNLK, k_BHTK, v_BHTK)
         y_BHTK = y_XNCK.reshape(B, H, nc * C, K)[:, :, :T]
 
         if g:
@@ -183,6 +251,22 @@ class LongformerAttention(VanillaAttention):
             y_BHTK = torch.cat([yg_BHGK, y_BHTK[:, :, g:]], dim=2)
         self.backend = f"blockwise-band:{kernel}"
         return self.merge_heads(y_BHTK)
+
+    def _window_with_globals(self, T, q_XNCK, k_XNLK, v_XNLK, k_BHTK, v_BHTK):
+        """One softmax per chunk over its G global keys and L window keys gathered together
+        (one copy of every window), through `sdpa_recorded`: any device, any fused kernel."""
+        X, nc = q_XNCK.shape[:2]
+        g, K = self.global_tokens, self.head_dim
+        if g:
+            kg_XNGK = k_BHTK[:, :, :g].reshape(X, 1, g, K).expand(X, nc, g, K)
+            vg_XNGK = v_BHTK[:, :, :g].reshape(X, 1, g, K).expand(X, nc, g, K)
+            k_XNLK = torch.cat([kg_XNGK, k_XNLK], dim=2)  # (X, nc, G+L, K)
+            v_XNLK = torch.cat([vg_XNGK, v_XNLK], dim=2)
+        parts = []
+        for lo, hi, mask in self._chunk_masks(T, q_XNCK.device, q_XNCK.dtype):
+            y, kernel, _ = sdpa_recorded(q_XNCK[:, lo:hi], k_XNLK[:, lo:hi], v_XNLK[:, lo:hi], attn_mask=mask)
+            parts.append(y)
+        return (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]), kernel
 
     def mixing_flops(self, batch: int, seq_len: int) -> float:
         pairs = pattern_pairs(seq_len, self.window, self.global_tokens, self.causal)

@@ -258,9 +258,13 @@ def dense_longformer(m: LongformerAttention, x: torch.Tensor) -> tuple[torch.Ten
     (1, 3, 0, 4), (1, 3, 1, 4), (7, 2, 1, 4), (37, 5, 3, 8), (37, 5, 0, 8), (64, 16, 4, 16),
     (33, 4, 6, 3), (40, 9, 2, 32), (203, 16, 4, 16),
 ])
-def test_longformer_equals_dense_masked_reference(causal, T, window, globals_, chunk):
+@pytest.mark.parametrize("split", [True, False], ids=["lse-merge", "one-softmax"])
+def test_longformer_equals_dense_masked_reference(causal, T, window, globals_, chunk, split):
+    """Both paths: window and globals as two fused calls merged by log-sum-exp (CPU), and one
+    softmax over the gathered keys (every device)."""
     torch.manual_seed(0)
     m = LongformerAttention(D, H, causal=causal, window=window, global_tokens=globals_, chunk_size=chunk)
+    m.split_globals = split
     x = torch.randn(2, T, D, requires_grad=True)
     y = m(x)
     y_ref, pairs = dense_longformer(m, x)
@@ -269,7 +273,7 @@ def test_longformer_equals_dense_masked_reference(causal, T, window, globals_, c
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert pattern_pairs(T, window, globals_, causal) == pairs  # the FLOP count is exact
     assert m.mixing_flops(2, T) == 4 * 2 * H * (D // H) * pairs
-    assert m.backend.startswith("blockwise-band")
+    assert m.backend == ("blockwise-band:sdpa-flash-lse-merge" if split else "blockwise-band:sdpa-flash")
     # masks cover every chunk once; interior chunks share one broadcast (1, 1, C, G+L) mask
     runs = m._chunk_masks(T, x.device, x.dtype)
     n0, n1 = m._interior(T)
