@@ -72,7 +72,7 @@ def time_calls(
 
     Why a warm-up by time too: on CPU the first calls of a kernel that allocates large buffers
     fault in fresh pages until the heap has grown to its working set, which takes a few calls
-    (measured: an FFT-convolution mixer at n=8192 ran its 2nd-4th calls 30-70% slower than
+    (measured: an FFT-convolution mixer at n=8192 ran its 2nd-5th calls 20-75% slower than
     the rest), more than a fixed count of 2 covers for fast kernels."""
     device = torch.device(device)
     start = time.perf_counter()
