@@ -77,6 +77,11 @@ _flash_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cp
 _flash_cpu_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
 
 
+def _join_runs(parts: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Per-run results (runs of chunks, in order along dim 1) as one tensor; no copy for one run."""
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
 class WindowAndGlobals(torch.autograd.Function):
     """Softmax attention of each query over two disjoint key sets, its chunk's window and the
     g global keys, from two fused CPU flash calls merged by their log-sum-exps:
@@ -92,8 +97,7 @@ class WindowAndGlobals(torch.autograd.Function):
     def forward(ctx, q, k, v, kg, vg, runs):
         parts = [_flash_cpu(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], 0.0, False, attn_mask=mask)
                  for lo, hi, mask in runs]
-        out = torch.cat([o for o, _ in parts], dim=1) if len(parts) > 1 else parts[0][0]
-        lse = torch.cat([s for _, s in parts], dim=1) if len(parts) > 1 else parts[0][1]
+        out, lse = (_join_runs(x) for x in zip(*parts))
         if kg is not None:
             X, nc, C, K = q.shape
             out_g, lse_g = _flash_cpu(q.reshape(X, 1, nc * C, K), kg.unsqueeze(1), vg.unsqueeze(1), 0.0, False)
@@ -113,7 +117,7 @@ class WindowAndGlobals(torch.autograd.Function):
         grads = [_flash_cpu_backward(dout[:, lo:hi], q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], out[:, lo:hi],
                                      lse[:, lo:hi], 0.0, False, attn_mask=mask)
                  for lo, hi, mask in ctx.runs]
-        dq, dk, dv = (torch.cat(parts, dim=1) if len(grads) > 1 else parts[0] for parts in zip(*grads))
+        dq, dk, dv = (_join_runs(x) for x in zip(*grads))
         dkg = dvg = None
         if kg is not None:
             X, nc, C, K = q.shape
@@ -266,7 +270,7 @@ class LongformerAttention(VanillaAttention):
         for lo, hi, mask in self._chunk_masks(T, q_XNCK.device, q_XNCK.dtype):
             y, kernel, _ = sdpa_recorded(q_XNCK[:, lo:hi], k_XNLK[:, lo:hi], v_XNLK[:, lo:hi], attn_mask=mask)
             parts.append(y)
-        return (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]), kernel
+        return _join_runs(parts), kernel
 
     def mixing_flops(self, batch: int, seq_len: int) -> float:
         pairs = pattern_pairs(seq_len, self.window, self.global_tokens, self.causal)

@@ -171,6 +171,9 @@ class XformersAttention(VanillaAttention):
         self.fallback_reason: str | None = None
         # which xFormers operator ran, and how the build was loaded (None when it did not run)
         self.backend_detail: str | None = None
+        # the operator name per input signature: asking the dispatcher costs a second dispatch,
+        # which timed forwards should not pay on every call
+        self._op_names: dict[tuple, str] = {}
 
     def _xformers_unavailable(self, x: torch.Tensor) -> str | None:
         """Why xFormers cannot run on x (None when it may): device first, then the import."""
@@ -209,11 +212,13 @@ class XformersAttention(VanillaAttention):
         bias = xops.LowerTriangularMask() if self.causal else None
         try:
             needs_grad = torch.is_grad_enabled() and q_BTHK.requires_grad
-            op = _forward_op_name(xops, q_BTHK, k_BTHK, v_BTHK, bias, needs_grad)
+            sig = (q_BTHK.device, q_BTHK.dtype, tuple(q_BTHK.shape), needs_grad)
+            if sig not in self._op_names:
+                self._op_names[sig] = _forward_op_name(xops, q_BTHK, k_BTHK, v_BTHK, bias, needs_grad)
             y_BTHK = xops.memory_efficient_attention(q_BTHK, k_BTHK, v_BTHK, attn_bias=bias)
         except NotImplementedError as err:  # fmha dispatch: "No operator found for ..." + why, per op
             return None, f"xformers has no operator for these inputs: {_one_line(str(err))}"
-        self.backend_detail = "; ".join(x for x in (f"op {op}", xformers_build_note()) if x)
+        self.backend_detail = "; ".join(x for x in (f"op {self._op_names[sig]}", xformers_build_note()) if x)
         return y_BTHK, None
 
     def mixing_flops(self, batch: int, seq_len: int) -> float:

@@ -77,6 +77,7 @@ def time_calls(
     device = torch.device(device)
     start = time.perf_counter()
     done = 0
+    # the time-based part stops after 100 extra calls: microsecond kernels need no 0.5 s of them
     while done < warmup or (time.perf_counter() - start < warmup_s and done < warmup + 100):
         fn()
         sync(device)
