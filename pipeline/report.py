@@ -283,6 +283,38 @@ def crossover(n: Sequence[float], candidate: Sequence[float], reference: Sequenc
     return Crossover(float(np.exp(x)), "crosses", lengths)
 
 
+@dataclass(frozen=True)
+class Ratio:
+    """reference / candidate at the largest length where both have a positive value."""
+
+    n: int | None
+    value: float | None
+
+    def describe(self, more: str = "faster", less: str = "slower") -> str:
+        if self.value is None or self.n is None:
+            return "no common length that both ran ok"
+        word, x = (more, self.value) if self.value >= 1 else (less, 1.0 / self.value)
+        digits = 2 if x < 10 else 1 if x < 100 else 0
+        return f"{x:,.{digits}f}× {word} (n = {self.n:,})"
+
+
+def ratio_at_largest(n_cand: Sequence[float], cand: Sequence[float],
+                     n_ref: Sequence[float], ref: Sequence[float]) -> Ratio:
+    """ref / cand at the largest length both series hold with a finite positive value (so a
+    quantity where smaller is better reads as "x times better" when the ratio is above 1)."""
+    def usable(n, y):
+        n_a, y_a = np.asarray(n, dtype=float), np.asarray(y, dtype=float)
+        keep = np.isfinite(n_a) & np.isfinite(y_a) & (y_a > 0)
+        return dict(zip(n_a[keep].astype(int), y_a[keep]))
+
+    c, r = usable(n_cand, cand), usable(n_ref, ref)
+    common = sorted(set(c) & set(r))
+    if not common:
+        return Ratio(None, None)
+    n = common[-1]
+    return Ratio(int(n), float(r[n] / c[n]))
+
+
 def pareto_front(cost: Sequence[float], quality: Sequence[float], higher_is_better: bool = True) -> np.ndarray:
     """Boolean mask of the points no other point beats: one is dominated when another costs no
     more and is no worse, and is strictly better in at least one of the two."""
@@ -1046,7 +1078,7 @@ def _section_figures(doc: Doc, lines, qgroups, cells, colours, out: Path) -> Non
 
 
 def _section_crossover(doc: Doc, lines: list[Line]) -> None:
-    doc.h(2, "3. Crossover lengths")
+    doc.h(2, "3. Crossover lengths and ratios")
     exact = [ln for ln in lines if ln.exact is True]
     others = [ln for ln in lines if ln.exact is False]
     unknown = [ln.label for ln in lines if ln.exact is None]
@@ -1074,6 +1106,36 @@ def _section_crossover(doc: Doc, lines: list[Line]) -> None:
                 cells.append(co.describe(word))
             rows.append(cells)
     doc.table(["efficient", "vs exact", "faster (forward)", "faster (fwd+bwd)", "smaller (forward peak)"], rows)
+    _ratio_table(doc, exact, others)
+
+
+_RATIO_METRICS = (("kernel/fwd_ms", "faster", "slower"), ("kernel/fwdbwd_ms", "faster", "slower"),
+                  ("kernel/peak_mem_mb", "smaller", "larger"))
+
+
+def _ratio_table(doc: Doc, exact: list[Line], others: list[Line]) -> None:
+    """Each line against each exact line with the same other axes, at the largest length both
+    ran: the number a "how much faster is it at my length" question wants. Two exact lines are
+    compared once, the one faster there first."""
+    pairs = [(eff, ex) for eff in others for ex in exact]
+    for i, a in enumerate(exact):
+        for b in exact[i + 1:]:
+            faster_b = ratio_at_largest(*b.series("kernel/fwd_ms"), *a.series("kernel/fwd_ms"))
+            pairs.append((b, a) if (faster_b.value or 0) > 1 else (a, b))
+    rows = []
+    for cand, ref in pairs:
+        if {k: str(v) for k, v in cand.axes.items()} != {k: str(v) for k, v in ref.axes.items()}:
+            continue
+        cells = [cand.label, ref.label]
+        for metric, more, less in _RATIO_METRICS:
+            cells.append(ratio_at_largest(*cand.series(metric), *ref.series(metric)).describe(more, less))
+        rows.append(cells)
+    if not rows:
+        return
+    doc.p("Ratios at the largest length both lines ran ok, each column on its own (a "
+          "forward+backward cell skipped or out of memory at the largest n moves that column to a "
+          "smaller n): the reference's median over the line's.")
+    doc.table(["line", "vs", "forward time", "fwd+bwd time", "forward peak memory"], rows)
 
 
 def _median_metric(rows: pd.DataFrame, metric: str) -> float | None:

@@ -82,6 +82,20 @@ def test_crossover_verdicts():
     assert mid.verdict == "not reached"
 
 
+def test_ratio_at_largest_common_length():
+    r = R.ratio_at_largest([256, 512, 1024], [1.0, 2.0, 4.0], [256, 512], [4.0, 10.0])
+    assert (r.n, r.value) == (512, 5.0) and r.describe() == "5.00× faster (n = 512)"
+    slow = R.ratio_at_largest([512], [40.0], [512], [2.0])
+    assert slow.describe("smaller", "larger") == "20.0× larger (n = 512)"
+    # a missing, zero or NaN value at a length does not count as measured there
+    r = R.ratio_at_largest([256, 512], [1.0, float("nan")], [256, 512], [3.0, 3.0])
+    assert (r.n, r.value) == (256, 3.0)
+    assert (
+        R.ratio_at_largest([256], [1.0], [512], [1.0]).describe()
+        == "no common length that both ran ok"
+    )
+
+
 def test_pareto_front():
     cost = [1.0, 2.0, 3.0, 2.5, 4.0]
     acc = [0.5, 0.8, 0.9, 0.7, 0.9]
@@ -331,6 +345,13 @@ def test_crossovers_in_report(built):
     )
     pv = _row(sec, "performer", "vanilla")
     assert "not reached within the grid" in pv and "smaller at every n measured" in pv
+    # ratios at the largest common length: vanilla ran out of memory at 4096, so 2048 there
+    ratios = sec.split("Ratios at the largest length")[1]
+    assert _row(ratios, "xformers", "vanilla").endswith(
+        "| 2.00× faster (n = 2,048) | 2.00× faster (n = 2,048) | 16.4× smaller (n = 2,048) |"
+    )
+    assert "| 1.02× faster (n = 4,096) |" in _row(ratios, "longformer", "xformers")
+    assert not any(line.startswith("| vanilla | xformers |") for line in ratios.splitlines())
 
 
 def test_theory_section(built):
