@@ -21,6 +21,13 @@ exp(old max - new max) <= 1 as the max grows. A later chunk therefore never touc
 output; a later token of the same chunk only shifts that chunk's common scale, which cancels
 exactly and changes earlier outputs at most by rounding.
 
+Where the time goes (causal, n = 16384, B = 1, 4 heads of 64, M = 256, fp32, 2-core AVX-512 CPU,
+~127 ms forward): the (C, M) x (M, C) chunk scores ~20 ms, the chunk states and prefix products
+~10 ms each, feature maps ~13 ms each (a GEMM plus passes over (T, M) tensors), projections
+~27 ms. The batched (128 x 256) products run at ~0.2 TFLOP/s, about half the large-GEMM rate,
+and the whole forward at ~35% of it; `torch.compile` of the module measured 3-4% faster, and
+chunk 64, a transposed feature layout or folding the key norm into the stabiliser no faster.
+
 FLOP count (`mixing_flops`, 2 FLOPs per multiply-add, matmuls only; exp and norms not counted):
 features 2 * 2TMK; bidirectional + 2 * 2TM(K+1) (the +1 is the normaliser); causal per chunk the
 useful lower triangle C(C+1)/2 * (M + K+1) * 2, plus the chunk states and the prefix products
