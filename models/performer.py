@@ -21,12 +21,20 @@ exp(old max - new max) <= 1 as the max grows. A later chunk therefore never touc
 output; a later token of the same chunk only shifts that chunk's common scale, which cancels
 exactly and changes earlier outputs at most by rounding.
 
+On CPU the causal chunks run in blocks of ~4096 (batch x head x position) rows, one block after
+the other, each continuing the state (and the running max) of the blocks before it; a block's
+features and chunk products then stay in cache between the passes over them, where one block of
+all T rows streams every (T, M) tensor through memory several times. Other devices run all
+chunks as one block (one set of large batched calls).
+
 Where the time goes (causal, n = 16384, B = 1, 4 heads of 64, M = 256, fp32, 2-core AVX-512 CPU,
-~127 ms forward): the (C, M) x (M, C) chunk scores ~20 ms, the chunk states and prefix products
-~10 ms each, feature maps ~13 ms each (a GEMM plus passes over (T, M) tensors), projections
-~27 ms. The batched (128 x 256) products run at ~0.2 TFLOP/s, about half the large-GEMM rate,
-and the whole forward at ~35% of it; `torch.compile` of the module measured 3-4% faster, and
-chunk 64, a transposed feature layout or folding the key norm into the stabiliser no faster.
+one block: ~127 ms forward): the (C, M) x (M, C) chunk scores ~20 ms, the chunk states and
+prefix products ~10 ms each, feature maps ~13 ms each (a GEMM plus passes over (T, M) tensors),
+projections ~27 ms. The batched (128 x 256) products ran at ~0.2 TFLOP/s, about half the
+large-GEMM rate, and the whole forward at ~35% of it. Blocks of 4096 rows cut the mixing core
+from ~106 to ~84 ms (forward ~113 ms; forward+backward from ~450 to ~410 ms). `torch.compile`
+of the one-block module measured 3-4% faster; chunk 64, a transposed feature layout or folding
+the key norm into the stabiliser, no faster.
 
 FLOP count (`mixing_flops`, 2 FLOPs per multiply-add, matmuls only; exp and norms not counted):
 features 2 * 2TMK; bidirectional + 2 * 2TM(K+1) (the +1 is the normaliser); causal per chunk the
@@ -102,6 +110,30 @@ def _group_size(n: int) -> int:
             return g
     return root
 
+
+def block_prefix(states: tuple[torch.Tensor, ...], run_BHn: torch.Tensor,
+                 carry: tuple[torch.Tensor, ...] | None) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """`decayed_prefix` for the few chunks of one block that continues earlier blocks.
+
+    states: per-chunk sums (B, H, n, F_i); run_BHn: the running max, nondecreasing, already at
+    least the carried one; carry: (sums of every earlier chunk..., their frame R (B, H)) or None.
+    Returns each state's prefix P_c = sum_{m<c} s_m exp(R_m - R_c), the earlier blocks included,
+    and the carry after the block (every chunk's sum in the frame of its last R). One dense
+    (n+1, n) weight matrix serves both: rows 0..n-1 are the prefixes, row n the block's total.
+    """
+    n = run_BHn.shape[-1]
+    run_ext = torch.cat([run_BHn, run_BHn[..., -1:]], dim=-1)  # (B, H, n+1)
+    strict = torch.ones(n + 1, n, dtype=torch.bool, device=run_BHn.device).tril(-1)
+    # W[i, m] = exp(R_m - R_i) for m < i (<= 1); the clamp only guards the masked half
+    w_BHen = torch.exp((run_BHn.unsqueeze(-2) - run_ext.unsqueeze(-1)).clamp(max=0)) * strict
+    outs = [w_BHen.to(s.dtype) @ s for s in states]
+    if carry is not None:  # the earlier blocks, from their frame to each row's (<= 1)
+        f_BHe1 = torch.exp(carry[-1].unsqueeze(-1) - run_ext).unsqueeze(-1)
+        outs = [o.addcmul_(f_BHe1.to(o.dtype), c.unsqueeze(-2)) for o, c in zip(outs, carry[:-1])]
+    prefixes = tuple(o[:, :, :n] for o in outs)
+    return prefixes, (*(o[:, :, n] for o in outs), run_ext[..., n])
+
+
 class PerformerAttention(VanillaAttention):
     """FAVOR+ with `features` positive orthogonal random features; causal via chunked prefix sums."""
 
@@ -110,6 +142,12 @@ class PerformerAttention(VanillaAttention):
     materialises_scores = False
     time_order = 1.0
     memory_order = 1.0
+    # causal on CPU: chunks run in blocks of about this many (batch x head x position) rows, so a
+    # block's features stay in cache. Measured, mixing core alone (projections excluded), B = 1,
+    # 4 heads of 64, 2 threads, ms at n = 1024 / 4096 / 16384: one block 5.2 / 23.7 / 106;
+    # 2048 rows 5.0 / 21.6 / 89.5; 4096 rows 4.9 / 20.5 / 84.2; 8192 rows 4.9 / 20.5 / 84.2.
+    # Forward+backward at n = 16384: ~450 ms one block, ~410 ms 4096 rows. None: one block.
+    cpu_block_rows: int | None = 4096
 
     def __init__(self, d_model: int, n_heads: int, causal: bool = True, bias: bool = False,
                  features: int = 256, redraw: bool = False, chunk_size: int = 128, seed: int = 0):
@@ -149,58 +187,89 @@ class PerformerAttention(VanillaAttention):
             self.redraw_features()
         T = x_BTD.shape[1]
         q_BHTK, k_BHTK, v_BHTK = self.split_heads(x_BTD)
-        C = min(self.chunk_size, T)
-        nc = -(-T // C)
-        if self.causal and nc * C != T:
-            # pad to whole chunks before the features: padded keys come after every real query,
-            # so the causal mask hides them; they only enter the last chunk's stabiliser
-            pad = (0, 0, 0, nc * C - T)
-            q_BHTK, k_BHTK, v_BHTK = F.pad(q_BHTK, pad), F.pad(k_BHTK, pad), F.pad(v_BHTK, pad)
-        # the 1/sqrt(M) of phi cancels between numerator and denominator, so it is left out
-        # a query's -|x|^2/2 is constant along its row, so it cancels with the row max: skip it
-        # and so does any other per-query factor: softmax over the features (one fused pass) is
-        # exp(l - row max) divided by its row sum, both constant along the row
-        phiq_BHTM = self._logits(q_BHTK, with_norm=False).softmax(dim=-1)
-        lk_BHTM = self._logits(k_BHTK)
         if self.causal:
-            num_BHTK, den_BHT = self._causal(phiq_BHTM, lk_BHTM, v_BHTK, C)
-            num_BHTK, den_BHT = num_BHTK[:, :, :T], den_BHT[:, :, :T]
-            self.backend = "favor+-chunked"
-        else:
-            phik_BHTM = self._exp_minus(lk_BHTM, lk_BHTM.amax(dim=(-2, -1), keepdim=True))
-            s_BHMK = phik_BHTM.transpose(-2, -1) @ v_BHTK
-            z_BHM1 = phik_BHTM.sum(-2).unsqueeze(-1)
-            num_BHTK, den_BHT = phiq_BHTM @ s_BHMK, (phiq_BHTM @ z_BHM1).squeeze(-1)
-            self.backend = "favor+-linear"
-        y_BHTK = num_BHTK / den_BHT.clamp_min(torch.finfo(den_BHT.dtype).tiny).unsqueeze(-1)
-        return self.merge_heads(y_BHTK)
+            C = min(self.chunk_size, T)
+            nc = -(-T // C)
+            if nc * C != T:
+                # pad to whole chunks before the features: padded keys come after every real query,
+                # so the causal mask hides them; they only enter the last chunk's stabiliser
+                pad = (0, 0, 0, nc * C - T)
+                q_BHTK, k_BHTK, v_BHTK = F.pad(q_BHTK, pad), F.pad(k_BHTK, pad), F.pad(v_BHTK, pad)
+            return self.merge_heads(self._causal(q_BHTK, k_BHTK, v_BHTK, C)[:, :, :T])
+        phiq_BHTM = self._query_features(q_BHTK)
+        lk_BHTM = self._logits(k_BHTK)
+        phik_BHTM = self._exp_minus(lk_BHTM, lk_BHTM.amax(dim=(-2, -1), keepdim=True))
+        s_BHMK = phik_BHTM.transpose(-2, -1) @ v_BHTK
+        z_BHM1 = phik_BHTM.sum(-2).unsqueeze(-1)
+        num_BHTK, den_BHT = phiq_BHTM @ s_BHMK, (phiq_BHTM @ z_BHM1).squeeze(-1)
+        self.backend = "favor+-linear"
+        return self.merge_heads(num_BHTK / den_BHT.clamp_min(torch.finfo(den_BHT.dtype).tiny).unsqueeze(-1))
 
-    def _causal(self, phiq_BHTM: torch.Tensor, lk_BHTM: torch.Tensor, v_BHTK: torch.Tensor,
-                C: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunked causal FAVOR+ on inputs padded to nc * C positions: numerator (B, H, nc*C, K)
-        and denominator (B, H, nc*C). The normaliser is kept apart from V (not as a column of
-        ones) because K+1-wide matmuls measured up to 2x slower than K-wide ones on CPU BLAS."""
-        B, H, Tp, M = phiq_BHTM.shape
-        nc, K = Tp // C, v_BHTK.shape[-1]
-        X = B * H * nc  # every chunk of every head is one batch entry of the bmm calls below
-        phiq_XCM = phiq_BHTM.reshape(X, C, M)
-        v_XCK = v_BHTK.reshape(X, C, K)
+    def _query_features(self, q_BHTK: torch.Tensor) -> torch.Tensor:
+        """phi(q) up to a per-query factor. The 1/sqrt(M) of phi cancels between numerator and
+        denominator, and so does any per-query factor, the query's exp(-|x|^2/2) included: softmax
+        over the features (one fused pass) is exp(l - row max) over its row sum, both constant
+        along the row."""
+        return self._logits(q_BHTK, with_norm=False).softmax(dim=-1)
+
+    def _causal(self, q_BHTK: torch.Tensor, k_BHTK: torch.Tensor, v_BHTK: torch.Tensor, C: int) -> torch.Tensor:
+        """Chunked causal FAVOR+ on inputs padded to nc * C positions: the output (B, H, nc*C, K).
+        On CPU the chunks run in blocks of about `cpu_block_rows` (batch x head x position) rows,
+        one block after the other, each from the state of the blocks before it: a block's
+        features and chunk products stay in cache between the passes over them. Elsewhere (and
+        with `cpu_block_rows = None`) all chunks are one block."""
+        B, H, Tp, _ = q_BHTK.shape
+        nc = Tp // C
+        g = nc
+        if self.cpu_block_rows and q_BHTK.device.type == "cpu":
+            # at most 16 chunks: `block_prefix` weighs a block's states with a dense (g+1, g) matrix
+            g = min(16, max(1, self.cpu_block_rows // (B * H * C)))
+            self.backend = "favor+-chunked:cpu-blocks"
+        else:
+            self.backend = "favor+-chunked"
+        # split, not slices: one backward node joins the blocks' gradients (a slice's backward
+        # would write each block's into a zero tensor of the whole length)
+        blocks = list(zip(*(t.split(g * C, dim=2) for t in (q_BHTK, k_BHTK, v_BHTK))))
+        outs, carry = [], None
+        for i, (q_BHLK, k_BHLK, v_BHLK) in enumerate(blocks):
+            y_BHLK, carry = self._causal_block(q_BHLK, k_BHLK, v_BHLK, C, carry, want_carry=i + 1 < len(blocks))
+            outs.append(y_BHLK)
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+
+    def _causal_block(self, q_BHLK: torch.Tensor, k_BHLK: torch.Tensor, v_BHLK: torch.Tensor, C: int,
+                      carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, want_carry: bool
+                      ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
+        """The n = L / C chunks of one block: the output (B, H, L, K) and, when asked, the state
+        after the block (sum of phi(K)^T V (B, H, M*K), of phi(K) (B, H, M), in the frame of the
+        running max R (B, H)). `carry` is that state before the block, None for the first.
+        The normaliser is kept apart from V (not as a column of ones) because K+1-wide matmuls
+        measured up to 2x slower than K-wide ones on CPU BLAS."""
+        B, H, L, K = q_BHLK.shape
+        n, M = L // C, self.features
+        X = B * H * n  # every chunk of every head is one batch entry of the bmm calls below
+        phiq_XCM = self._query_features(q_BHLK).reshape(X, C, M)
+        lk_BHLM = self._logits(k_BHLK)
+        v_XCK = v_BHLK.reshape(X, C, K)
 
         # key stabiliser: running max over the chunks up to and including this one (no later chunk)
-        run_BHN = lk_BHTM.detach().view(B, H, nc, C * M).amax(-1).cummax(dim=-1).values
-        phik_XCM = self._exp_minus(lk_BHTM.view(B, H, nc, C, M), run_BHN[..., None, None]).reshape(X, C, M)
+        run_BHn = lk_BHLM.detach().view(B, H, n, C * M).amax(-1).cummax(dim=-1).values
+        if carry is not None:
+            run_BHn = torch.maximum(run_BHn, carry[2].unsqueeze(-1))
+        phik_XCM = self._exp_minus(lk_BHLM.view(B, H, n, C, M), run_BHn[..., None, None]).reshape(X, C, M)
 
         # across chunks: the state of all earlier chunks, in the frame of the current running max
-        s_XMK = phik_XCM.transpose(-2, -1) @ v_XCK  # each chunk's own phi(K)^T V ...
-        z_XM = phik_XCM.sum(-2)  # ... and sum of phi(K)
-        p_XMK = decayed_prefix(s_XMK.view(B, H, nc, M * K), run_BHN).reshape(X, M, K)
-        pz_XM1 = decayed_prefix(z_XM.view(B, H, nc, M), run_BHN).reshape(X, M, 1)
-
+        s_BHnF = (phik_XCM.transpose(-2, -1) @ v_XCK).view(B, H, n, M * K)  # each chunk's phi(K)^T V ...
+        z_BHnM = phik_XCM.sum(-2).view(B, H, n, M)  # ... and sum of phi(K)
+        if carry is None and not want_carry:  # all chunks in one block
+            p_BHnF, pz_BHnM = decayed_prefix(s_BHnF, run_BHn), decayed_prefix(z_BHnM, run_BHn)
+        else:
+            (p_BHnF, pz_BHnM), carry = block_prefix((s_BHnF, z_BHnM), run_BHn, carry)
         # inside each chunk: lower-triangular (incl. diagonal) linear-attention scores, plus the prefix
         a_XCC = torch.bmm(phiq_XCM, phik_XCM.transpose(-2, -1)).tril_()
-        num_XCK = torch.baddbmm(torch.bmm(phiq_XCM, p_XMK), a_XCC, v_XCK)
-        den_XC = a_XCC.sum(-1) + torch.bmm(phiq_XCM, pz_XM1).squeeze(-1)
-        return num_XCK.view(B, H, Tp, K), den_XC.view(B, H, Tp)
+        num_XCK = torch.baddbmm(torch.bmm(phiq_XCM, p_BHnF.reshape(X, M, K)), a_XCC, v_XCK)
+        den_XC = a_XCC.sum(-1) + torch.bmm(phiq_XCM, pz_BHnM.reshape(X, M, 1)).squeeze(-1)
+        y_BHLK = (num_XCK / den_XC.clamp_min(torch.finfo(den_XC.dtype).tiny).unsqueeze(-1)).view(B, H, L, K)
+        return y_BHLK, carry
 
     def mixing_flops(self, batch: int, seq_len: int) -> float:
         T, M, K = seq_len, self.features, self.head_dim

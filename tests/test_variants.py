@@ -308,11 +308,14 @@ def test_decayed_prefix_matches_its_definition():
         torch.testing.assert_close(decayed_prefix(s, r), ref)
 
 
+@pytest.mark.parametrize("block_rows", [None, 1, 3 * 2 * H * 8])
 @pytest.mark.parametrize("T,chunk", [(1, 4), (7, 4), (37, 8), (64, 16), (100, 7)])
-def test_performer_chunked_causal_equals_quadratic_form(T, chunk):
-    """Same random features: the chunked prefix sums equal the masked (T, T) linear attention."""
+def test_performer_chunked_causal_equals_quadratic_form(T, chunk, block_rows):
+    """Same random features: the chunked prefix sums equal the masked (T, T) linear attention,
+    with all chunks at once, a block per chunk, or blocks of several chunks."""
     torch.manual_seed(0)
     m = PerformerAttention(D, H, causal=True, features=16, chunk_size=chunk).double()
+    m.cpu_block_rows = block_rows
     x = torch.randn(2, T, D, dtype=torch.float64, requires_grad=True)
     y = m(x)
     q, k, v = m.split_heads(x)
@@ -321,6 +324,26 @@ def test_performer_chunked_causal_equals_quadratic_form(T, chunk):
     torch.testing.assert_close(y, y_ref)
     for u, w in zip(grads(y, [x, *m.parameters()]), grads(y_ref, [x, *m.parameters()])):
         torch.testing.assert_close(u, w)
+
+
+def test_performer_blocks_carry_the_stabiliser_across_blocks():
+    """Keys that grow along T move the running max in every block: blocks of one or three chunks
+    (each rescaling the state carried from the blocks before) equal all chunks at once, fp32."""
+    torch.manual_seed(0)
+    m = PerformerAttention(D, H, causal=True, features=32, chunk_size=8)
+    x = torch.randn(2, 100, D) * torch.linspace(0.5, 4.0, 100).view(1, 100, 1)
+    x.requires_grad_(True)
+    m.cpu_block_rows = None
+    y_ref = m(x)
+    assert m.backend == "favor+-chunked"
+    g_ref = grads(y_ref, [x, *m.parameters()])
+    for rows in (1, 3 * 2 * H * 8):
+        m.cpu_block_rows = rows
+        y = m(x)
+        assert m.backend == "favor+-chunked:cpu-blocks"
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        for a, b in zip(grads(y, [x, *m.parameters()]), g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("causal", [True, False])
