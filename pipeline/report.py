@@ -1085,8 +1085,9 @@ def _section_crossover(doc: Doc, lines: list[Line]) -> None:
     if unknown:
         doc.p(f"No consistent `exact` tag on: {', '.join(unknown)}; left out of this section.")
     if not exact or not others:
-        doc.p("Needs at least one line tagged exact=True and one tagged exact=False "
+        doc.p("Crossovers need at least one line tagged exact=True and one tagged exact=False "
               f"(have {len(exact)} exact, {len(others)} efficient).")
+        _ratio_table(doc, exact, others)
         return
     doc.p("Where each efficient line becomes faster (forward time) and smaller (forward peak "
           "memory) than each exact line with the same other axes, interpolated in log-log space "

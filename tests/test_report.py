@@ -96,6 +96,32 @@ def test_ratio_at_largest_common_length():
     )
 
 
+def test_ratio_table_with_exact_lines_only():
+    """Two exact lines and no efficient one: no crossovers, but the ratio is still given, the
+    faster line first."""
+
+    def line(model, coef):
+        n = np.array([1024, 2048, 4096])
+        rows = pd.DataFrame(
+            {
+                "tags.status": "ok",
+                "params.seq_len": n,
+                "metrics.kernel/fwd_ms": coef * n**2.0,
+                "metrics.kernel/peak_mem_mb": coef * n,
+            }
+        )
+        return R.Line(model, {}, rows, True)
+
+    doc = R.Doc()
+    R._section_crossover(doc, [line("vanilla", 4.0), line("xformers", 1.0)])
+    md = doc.markdown()
+    assert "Crossovers need at least one line" in md
+    assert (
+        "| xformers | vanilla | 4.00× faster (n = 4,096) | no common length that both ran ok | 4.00× smaller (n = 4,096) |"
+        in md
+    )
+
+
 def test_pareto_front():
     cost = [1.0, 2.0, 3.0, 2.5, 4.0]
     acc = [0.5, 0.8, 0.9, 0.7, 0.9]
