@@ -232,15 +232,15 @@ class PerformerAttention(VanillaAttention):
         blocks = list(zip(*(t.split(g * C, dim=2) for t in (q_BHTK, k_BHTK, v_BHTK))))
         outs, carry = [], None
         for i, (q_BHLK, k_BHLK, v_BHLK) in enumerate(blocks):
-            y_BHLK, carry = self._causal_block(q_BHLK, k_BHLK, v_BHLK, C, carry, want_carry=i + 1 < len(blocks))
+            y_BHLK, carry = self._causal_block(q_BHLK, k_BHLK, v_BHLK, C, carry, more_blocks=i + 1 < len(blocks))
             outs.append(y_BHLK)
         return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
 
     def _causal_block(self, q_BHLK: torch.Tensor, k_BHLK: torch.Tensor, v_BHLK: torch.Tensor, C: int,
-                      carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, want_carry: bool
+                      carry: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, more_blocks: bool
                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-        """The n = L / C chunks of one block: the output (B, H, L, K) and, when asked, the state
-        after the block (sum of phi(K)^T V (B, H, M*K), of phi(K) (B, H, M), in the frame of the
+        """The n = L / C chunks of one block: the output (B, H, L, K) and, unless the block is
+        the only one, the state after it (sum of phi(K)^T V (B, H, M*K), of phi(K) (B, H, M), in the frame of the
         running max R (B, H)). `carry` is that state before the block, None for the first.
         The normaliser is kept apart from V (not as a column of ones) because K+1-wide matmuls
         measured up to 2x slower than K-wide ones on CPU BLAS."""
@@ -254,13 +254,13 @@ class PerformerAttention(VanillaAttention):
         # key stabiliser: running max over the chunks up to and including this one (no later chunk)
         run_BHn = lk_BHLM.detach().view(B, H, n, C * M).amax(-1).cummax(dim=-1).values
         if carry is not None:
-            run_BHn = torch.maximum(run_BHn, carry[2].unsqueeze(-1))
+            run_BHn = torch.maximum(run_BHn, carry[-1].unsqueeze(-1))
         phik_XCM = self._exp_minus(lk_BHLM.view(B, H, n, C, M), run_BHn[..., None, None]).reshape(X, C, M)
 
         # across chunks: the state of all earlier chunks, in the frame of the current running max
         s_BHnF = (phik_XCM.transpose(-2, -1) @ v_XCK).view(B, H, n, M * K)  # each chunk's phi(K)^T V ...
         z_BHnM = phik_XCM.sum(-2).view(B, H, n, M)  # ... and sum of phi(K)
-        if carry is None and not want_carry:  # all chunks in one block
+        if carry is None and not more_blocks:  # all chunks in one block
             p_BHnF, pz_BHnM = decayed_prefix(s_BHnF, run_BHn), decayed_prefix(z_BHnM, run_BHn)
         else:
             (p_BHnF, pz_BHnM), carry = block_prefix((s_BHnF, z_BHnM), run_BHn, carry)

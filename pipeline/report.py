@@ -454,6 +454,10 @@ class Line:
     def fit(self, metric: str) -> PowerFit | None:
         return fit_power_law(*self.series(metric))
 
+    def same_axes(self, other: Line) -> bool:
+        """Whether the two lines share every other axis value (compared as text: NaN and types)."""
+        return {k: str(v) for k, v in self.axes.items()} == {k: str(v) for k, v in other.axes.items()}
+
 
 def kernel_lines(cells: pd.DataFrame) -> list[Line]:
     k = cells[cells["tags.scenario"] == "kernel"]
@@ -1095,7 +1099,7 @@ def _section_crossover(doc: Doc, lines: list[Line]) -> None:
     rows = []
     for eff in others:
         for ex in exact:
-            if {k: str(v) for k, v in eff.axes.items()} != {k: str(v) for k, v in ex.axes.items()}:
+            if not eff.same_axes(ex):
                 continue
             cells = [eff.label, ex.label]
             for metric, word in (("kernel/fwd_ms", "faster"), ("kernel/fwdbwd_ms", "faster"),
@@ -1125,7 +1129,7 @@ def _ratio_table(doc: Doc, exact: list[Line], others: list[Line]) -> None:
             pairs.append((b, a) if (faster_b.value or 0) > 1 else (a, b))
     rows = []
     for cand, ref in pairs:
-        if {k: str(v) for k, v in cand.axes.items()} != {k: str(v) for k, v in ref.axes.items()}:
+        if not cand.same_axes(ref):
             continue
         cells = [cand.label, ref.label]
         for metric, more, less in _RATIO_METRICS:
