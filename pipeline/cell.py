@@ -254,6 +254,8 @@ def execute(d: dict[str, Any]) -> CellResult:
             "device": device.type, "device_name": device_name(device),
             "num_threads": str(torch.get_num_threads()), "world_size": str(world), "torch_version": torch.__version__,
             "allocator": allocator_tag(),
+            # "highest": fp32 matmuls in full fp32; "high"/"medium" let CUDA use TF32 (bf16 on some CPUs)
+            "fp32_matmul": torch.get_float32_matmul_precision(),
         })
         preflight(cfg, device, result)
         load_all()[cfg.scenario.name](cfg, device, result)

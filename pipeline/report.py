@@ -53,7 +53,7 @@ MEMORY_COSTS = (
     ("kernel forward peak memory (MB)", "kernel/peak_mem_mb"),
 )
 PROVENANCE_TAGS = ("device", "device_name", "num_threads", "torch_version", "xformers_version",
-                   "git_sha", "host", "memory_method", "allocator")
+                   "git_sha", "host", "memory_method", "allocator", "fp32_matmul")
 CKPT = "params.trainer.grad_checkpointing"
 
 

@@ -150,6 +150,8 @@ def test_gpu_check_dry_run_prints_the_plan_and_validates_every_cell(tmp_path):
     for variant in discover_variants():  # model=glob(*): every variant in the bf16 kernel grid
         assert re.search(rf"^  kernel +{variant} +dtype=bfloat16 +n=", out, re.MULTILINE), variant
     assert re.search(r"^  train +\w+ .*precision=bf16-mixed n=(\d+),\1\+ckpt$", out, re.MULTILINE), out
+    for variant in ("vanilla", "xformers"):  # fp32 too, from n = 1024
+        assert re.search(rf"^  kernel +{variant} +dtype=float32 +n=1024,", out, re.MULTILINE), out
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()  # a dry run writes nothing
 
 

@@ -35,8 +35,10 @@ def test_inline_cell_record(store_uri):
     assert p["model.name"] == "vanilla" and p["seq_len"] == "32" and p["backbone.d_model"] == "256"
     assert p["trainer.grad_checkpointing"] == "False"
     for tag in ("model", "scenario", "task", "status", "backend", "config_hash", "device", "device_name",
-                "num_threads", "torch_version", "xformers_version", "git_sha", "host", "memory_method"):
+                "num_threads", "torch_version", "xformers_version", "git_sha", "host", "memory_method",
+                "allocator", "fp32_matmul"):
         assert tag in t, tag
+    assert t["fp32_matmul"] == "highest"  # nothing here lowers fp32 matmuls to TF32/bf16
     assert t["status"] == "ok" and t["backend"] == "torch-matmul" and t["device"] == "cpu"
     for metric in ("kernel/fwd_ms", "kernel/fwd_ms_iqr", "kernel/fwdbwd_ms", "kernel/flops_fwd",
                    "kernel/flops_fwd_analytic", "kernel/tflops", "kernel/peak_fraction", "kernel/peak_mem_mb"):
