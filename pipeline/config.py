@@ -141,6 +141,10 @@ def validate(cfg: DictConfig | Mapping) -> None:
     nt = tr.get("num_threads")
     if nt is not None:
         _positive_int(tr, "num_threads", "trainer.num_threads")
+    if str(tr.get("strategy", "")).startswith("ddp") and sc.get("name") == "kernel":
+        raise ConfigError("trainer.strategy=ddp runs Lightning's train and predict loops on several ranks; "
+                          "the kernel scenario times one process: use scenario=train, infer or full, "
+                          "or trainer=cpu / trainer=gpu")
 
     # knobs every windowed / feature-based variant shares a meaning for; the variant's own
     # check_seq_len (run before compute, in the cell) covers the rest

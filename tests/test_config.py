@@ -35,7 +35,8 @@ def test_every_variant_config_is_complete(name):
 @pytest.mark.parametrize(
     "override, field",
     [("seq_len=0", "seq_len"), ("batch_size=-1", "batch_size"), ("backbone.n_heads=3", "backbone.d_model"),
-     ("backbone.dtype=int3", "backbone.dtype"), ("timeout_s=-5", "timeout_s"), ("budget.memory_gb=0", "budget.memory_gb")],
+     ("backbone.dtype=int3", "backbone.dtype"), ("timeout_s=-5", "timeout_s"), ("budget.memory_gb=0", "budget.memory_gb"),
+     ("trainer=ddp", "trainer.strategy")],  # default scenario=kernel: one process, no ranks
 )
 def test_validate_names_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
