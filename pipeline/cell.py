@@ -22,7 +22,7 @@ from typing import Any
 from pipeline import tracking
 from pipeline.config import config_hash, family_hash, flatten, validate
 from pipeline.registry import REPO_ROOT
-from pipeline.scenarios.base import CellResult, Diverged
+from pipeline.scenarios.base import CellResult, Diverged, is_oom
 
 # One allocator setup for every benchmark child process (CPU timings of T x T buffers depend on
 # it: fresh pages fault on every call otherwise). THP_MEM_ALLOC_ENABLE makes torch's CPU allocator
@@ -223,15 +223,6 @@ def _kill_group(proc: subprocess.Popen) -> None:
 # ----------------------------------------------------------------------------- child side
 
 
-def _is_oom(e: BaseException) -> bool:
-    import torch
-
-    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    msg = str(e)
-    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
-
-
 def execute(d: dict[str, Any]) -> CellResult:
     """Set up threads, seed and device, run the scenario, classify any failure. Never raises."""
     result = CellResult()
@@ -264,7 +255,7 @@ def execute(d: dict[str, Any]) -> CellResult:
     except Diverged as e:
         result.status, result.failure_reason = "diverged", str(e) or "non-finite loss"
     except BaseException as e:
-        result.status = "oom" if _is_oom(e) else "error"
+        result.status = "oom" if is_oom(e) else "error"
         first = (str(e).strip().splitlines() or [""])[0]
         result.failure_reason = f"{type(e).__name__}: {first}"[:500]
         result.artifacts["traceback.txt"] = traceback.format_exc()

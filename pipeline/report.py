@@ -1230,6 +1230,13 @@ def _section_failures(doc: Doc, cells: pd.DataFrame) -> None:
                     _fmt_n(r.get("params.seq_len")), r["tags.status"],
                     r.get("tags.failure_reason") if isinstance(r.get("tags.failure_reason"), str) else "—",
                     f"{r['run_name']} `{r['run_id'][:8]}`"] for _, r in bad.iterrows()])
+    col = "tags.fwdbwd_skipped"
+    part = cells[(cells["tags.status"] == "ok") & cells[col].notna()] if col in cells else cells.iloc[0:0]
+    if not part.empty:
+        doc.p("Kernel cells that finished ok without a forward + backward figure (their forward stands):")
+        doc.table(["variant", "n", "dtype", "why", "run"],
+                  [[r.get("tags.model"), _fmt_n(r.get("params.seq_len")), r.get("params.backbone.dtype", "—"),
+                    r[col], f"{r['run_name']} `{r['run_id'][:8]}`"] for _, r in part.iterrows()])
 
 
 def _section_provenance(doc: Doc, cells: pd.DataFrame) -> None:

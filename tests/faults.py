@@ -22,6 +22,24 @@ class HugeAlloc(VanillaAttention):
         return super().forward(x_BTD)
 
 
+class _RefusedInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        torch.empty(1 << 50, dtype=torch.uint8)  # 1 PiB: the allocator refuses
+        return g
+
+
+class HugeBackward(VanillaAttention):
+    """Its forward fits; its backward asks for more memory than any machine has."""
+
+    def forward(self, x_BTD):
+        return super().forward(_RefusedInBackward.apply(x_BTD))
+
+
 class Sleepy(VanillaAttention):
     def forward(self, x_BTD):
         time.sleep(3600)

@@ -75,6 +75,18 @@ def test_isolated_failures_are_recorded(store_uri, target, extra, status, reason
     assert run.info.status == "FAILED"
 
 
+def test_oom_in_forward_backward_keeps_the_forward(store_uri):
+    got = run_cell(cell(store_uri, "oom-bwd", "model._target_=tests.faults.HugeBackward", "model.name=hugebackward",
+                        "isolate=false"), quiet=True)
+    assert got == "ok"
+    (run,) = runs_of(store_uri, "oom-bwd")
+    m, t = run.data.metrics, run.data.tags
+    assert m["kernel/fwd_ms"] > 0 and m["kernel/peak_mem_mb"] >= 0
+    assert "kernel/fwdbwd_ms" not in m and "kernel/peak_mem_fwdbwd_mb" not in m
+    assert t["fwdbwd_skipped"].startswith("out of memory in forward+backward: RuntimeError:"), t["fwdbwd_skipped"]
+    assert "allocate" in t["fwdbwd_skipped"]
+
+
 def test_preflight_budget_skips_without_running(store_uri):
     assert run_cell(cell(store_uri, "budget", "budget.memory_gb=1e-6", "isolate=false"), quiet=True) == "skipped"
     (run,) = runs_of(store_uri, "budget")

@@ -431,3 +431,27 @@ def test_cli_arguments(monkeypatch, tmp_path, capsys):
     )
     assert seen["args"] == ("e", "s", tmp_path, 8.0, None)
     assert str(tmp_path) in capsys.readouterr().out
+
+
+def test_failures_section_lists_ok_cells_without_forward_backward():
+    cells = pd.DataFrame({
+        "tags.status": ["ok", "ok", "oom"],
+        "tags.model": ["vanilla", "xformers", "vanilla"],
+        "tags.scenario": ["kernel"] * 3,
+        "tags.task": ["mqar"] * 3,
+        "params.seq_len": [65536, 65536, 131072],
+        "params.backbone.dtype": ["bfloat16"] * 3,
+        "tags.failure_reason": [None, None, "OutOfMemoryError: CUDA out of memory"],
+        "tags.fwdbwd_skipped": ["out of memory in forward+backward: OutOfMemoryError: CUDA out of memory", None, None],
+        "run_name": ["vanilla-n65536-kernel", "xformers-n65536-kernel", "vanilla-n131072-kernel"],
+        "run_id": ["aaaaaaaa11", "bbbbbbbb22", "cccccccc33"],
+    })
+    doc = R.Doc()
+    R._section_failures(doc, cells)
+    md = doc.markdown()
+    assert ("| vanilla | kernel | mqar | 131,072 | oom | OutOfMemoryError: CUDA out of memory |"
+            " vanilla-n131072-kernel `cccccccc` |") in md
+    assert "without a forward + backward figure" in md
+    assert ("| vanilla | 65,536 | bfloat16 | out of memory in forward+backward: OutOfMemoryError: CUDA out of memory |"
+            " vanilla-n65536-kernel `aaaaaaaa` |") in md
+    assert "xformers-n65536" not in md

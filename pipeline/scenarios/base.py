@@ -28,6 +28,16 @@ class Diverged(RuntimeError):
     """Raised when a loss becomes non-finite; the cell is recorded with status `diverged`."""
 
 
+def is_oom(e: BaseException) -> bool:
+    """An allocation the device refused: CUDA's OutOfMemoryError, or the CPU allocator's."""
+    import torch
+
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "can't allocate memory" in msg)
+
+
 @dataclass
 class CellResult:
     status: str = "ok"
