@@ -6,7 +6,8 @@
 #   bash scripts/gpu_check.sh --dry-run  # anywhere: the plan, and every cell composed and validated
 #
 # Steps, in order; each runs under `timeout`, a failing step is recorded and the next one runs,
-# and all of them share one deadline (GPU_CHECK_DEADLINE_S, 455 s; collect always runs, <= 20 s more),
+# and all of them share one deadline (GPU_CHECK_DEADLINE_S, 440 s; collect always runs, <= 20 s more,
+# and a step the deadline stops gets <= 15 s to exit: 475 s at worst, under 8 minutes),
 # so a hang cannot eat the machine's lease and a single call returns everything:
 #   install   the carried wheels (.whl/, made by scripts/gpu_wheels.sh) into $GPU_CHECK_SITE
 #   gpu       nvidia-smi
@@ -37,7 +38,7 @@ esac
 OUT=${OUT:-$PWD/.gpu_out}
 WORK=${GPU_CHECK_WORK:-/tmp/attnbench-gpu-check}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
-DEADLINE_S=${GPU_CHECK_DEADLINE_S:-455}
+DEADLINE_S=${GPU_CHECK_DEADLINE_S:-440}
 RESERVE_S=${GPU_CHECK_RESERVE_S:-90}  # kept after the sweep for report (40), summary (30) and collect (20)
 GRID=${GPU_CHECK_GRID:-gpu_check}  # another grid only to try this script out elsewhere
 EXPERIMENT=gpu_check

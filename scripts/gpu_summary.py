@@ -222,6 +222,24 @@ def _status_word(status: str) -> str:
     return {"skipped": "skip", "timeout": "t/o", "diverged": "nan"}.get(status, status)
 
 
+def planned_cells(experiment: str, sweep: str | None, uri: str) -> int | None:
+    """How many cells the sweep's parent run says it planned (its `n_cells` param), or None."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.report import SWEEP_ROLE_TAG
+
+    if sweep is None:
+        return None
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id],
+                              f"tags.`{SWEEP_ROLE_TAG}` = 'sweep' and tags.sweep_id = '{sweep}'", max_results=1)
+    n = runs[0].data.params.get("n_cells") if runs else None
+    return int(n) if n is not None and str(n).isdigit() else None
+
+
 def _first_line(text: Any, width: int = 150) -> str:
     s = str(text or "").strip().splitlines()
     s = s[0] if s else ""
@@ -247,15 +265,23 @@ def summarize(experiment: str, sweep: str | None, uri: str, reference: str = "va
                  backend=_col(f, "tags.backend").fillna("").astype(str),
                  model=_col(f, "tags.model").fillna("?").astype(str),
                  scenario=_col(f, "tags.scenario").fillna("?").astype(str))
+    # a cell the deadline's SIGINT stopped (gpu_check.sh) was not measured, and did not fail
+    cut = (f["status"] == "error") & (_col(f, "tags.failure_reason").astype(str) == "interrupted")
+    f.loc[cut, "status"] = "cut"
     counts = f["status"].value_counts()
+    planned = planned_cells(experiment, sweep, uri)
 
     def first(tag: str) -> str:
         return next((str(v) for v in _col(f, tag).dropna() if str(v)), "?")
 
     say(f"== gpu-check summary: experiment {experiment}, sweep {sweep or '(all runs)'}")
     say(f"device {first('tags.device_name')} | torch {first('tags.torch_version')} | "
-        f"xformers {first('tags.xformers_version')} | {len(f)} cells: "
+        f"xformers {first('tags.xformers_version')} | {len(f)} cells"
+        + (f" of {planned} planned" if planned is not None else "") + ": "
         + ", ".join(f"{v} {k}" for k, v in counts.items()))
+    if cut.any() or (planned is not None and planned > len(f)):
+        say(f"not reached before the deadline: {int(cut.sum())} cut short (interrupted)"
+            + (f", {planned - len(f)} never started" if planned is not None and planned > len(f) else ""))
 
     checks: list[tuple[bool, str]] = []
     kernel = f[f["scenario"] == "kernel"]
@@ -309,10 +335,10 @@ def summarize(experiment: str, sweep: str | None, uri: str, reference: str = "va
     checks.append((not limit.empty and (ref["status"] == "ok").any(),
                    f"{reference} bf16 ran, then hit the memory limit within the grid"
                    + (f" (first at n={int(limit['n'].iloc[0])}: {limit['status'].iloc[0]})" if len(limit) else "")))
-    e16 = half[half["model"] == efficient]
+    e16 = half[(half["model"] == efficient) & (half["status"] != "cut")]
     checks.append((len(e16) > 0 and (e16["status"] == "ok").all(),
-                   f"{efficient} bf16 ran at every length"
-                   + (f" up to n={int(e16['n'].max())}" if len(e16) else "")
+                   f"{efficient} bf16 ran at every length the sweep reached"
+                   + (f", up to n={int(e16['n'].max())}" if len(e16) else "")
                    + ("" if (e16["status"] == "ok").all() else
                       f" (not at n={','.join(str(int(n)) for n in e16[e16['status'] != 'ok']['n'])})")))
 

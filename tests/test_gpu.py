@@ -165,7 +165,7 @@ def test_plan_rejects_a_cell_that_does_not_validate(capsys):
 N = (1024, 4096, 16384, 32768, 65536, 131072)
 
 
-def _write_sweep(uri: str, exp: str, xformers_backend: str = "xformers") -> None:
+def _write_sweep(uri: str, exp: str, xformers_backend: str = "xformers", cut: int = 0, never_started: int = 0) -> None:
     """vanilla fwd = 1e-6 n^2 ms until oom at 65536 (131072 skipped); xformers 1e-7 n^2 ms at
     every n; ssm 1e-4 n ms; training: vanilla 4000 -> 1000 MB with checkpointing, xformers 800 -> 600."""
     tr = Tracker(uri, exp)
@@ -204,11 +204,14 @@ def _write_sweep(uri: str, exp: str, xformers_backend: str = "xformers") -> None
         cell("ssm", "kernel", n, "ok", {"kernel/fwd_ms": 1e-4 * n, "kernel/fwdbwd_ms": 3e-4 * n,
                                         "kernel/peak_mem_mb": 1e-3 * n}, backend="fft-conv")
     cell("vanilla", "kernel", 4096, "ok", {"kernel/fwd_ms": 2.0}, dtype="float32", backend="torch-matmul")
+    for _ in range(cut):  # what the deadline's SIGINT leaves of the cell it stops (pipeline/cell.py)
+        cell("xformers", "kernel", 4096, "error", dtype="float32", reason="interrupted")
     cell("vanilla", "kernel", 32768, "skipped", dtype="float32",
          reason="predicted peak 96.50 GiB exceeds the memory budget 63.00 GiB")
     for model, (off, on), be in (("vanilla", (4000, 1000), "torch-matmul"), ("xformers", (800, 600), "xformers")):
         for ckpt, mem, ms in ((False, off, 40.0), (True, on, 52.0)):
             cell(model, "train", 4096, "ok", {"train/peak_mem_mb": mem, "train/step_ms": ms}, ckpt=ckpt, backend=be)
+    tr.log(parent, params={"n_cells": i + never_started})
     tr.end_run(parent, "ok")
 
 
@@ -229,7 +232,8 @@ def test_summary_of_a_gpu_check_sweep(store_uri):
     assert "vanilla (float32) n=32768: skipped: predicted peak 96.50 GiB" in text
     assert re.search(r"^vanilla +4096 torch-matmul +4000 +1000 +-75% +40\.0 +52\.0 +\+30%$", text, re.MULTILINE), text
     assert "PASS  vanilla bf16 ran, then hit the memory limit within the grid (first at n=65536: oom)" in text
-    assert "PASS  xformers bf16 ran at every length up to n=131072" in text
+    assert "PASS  xformers bf16 ran at every length the sweep reached, up to n=131072" in text
+    assert "24 cells of 24 planned: " in text and "not reached" not in text
     assert "xformers operator: op fa2F@2.7.4-pt; xformers C++ extension not loaded (test)" in text
     assert "fell back because" not in text
     assert text.rstrip().endswith("result: 5/5 checks passed")
@@ -242,3 +246,26 @@ def test_summary_fails_when_xformers_fell_back_in_bf16(store_uri):
     assert "FAIL  xformers reports backend `xformers` in every bf16 cell that ran (8 cells; other: sdpa-flash)" \
         in buf.getvalue()
     assert "xformers fell back because: xformers has no operator for these inputs: (test)" in buf.getvalue()
+
+
+def test_summary_counts_cells_the_deadline_stopped_as_not_reached(store_uri):
+    _write_sweep(store_uri, "summary-cut", cut=1, never_started=2)
+    buf = io.StringIO()
+    failed = _gpu_summary().summarize("summary-cut", "s1", store_uri, out=buf)
+    text = buf.getvalue()
+    assert failed == 0, text
+    assert "25 cells of 27 planned: " in text and "1 cut" in text
+    assert "not reached before the deadline: 1 cut short (interrupted), 2 never started" in text
+    assert "PASS  no cell ended in error, timeout or divergence" in text
+    # a cell that failed on its own still fails the check
+    _write_sweep(store_uri, "summary-error")
+    tr = Tracker(store_uri, "summary-error")
+    run = tr.create_run("performer-n4096-kernel", {"model": "performer", "scenario": "kernel", "status": "error",
+                                                   "sweep_id": "s1", "config_hash": "hx",
+                                                   "failure_reason": "RuntimeError: boom"}, None)
+    tr.log(run, params={"seq_len": 4096, "backbone.dtype": "bfloat16"})
+    tr.end_run(run, "error")
+    buf = io.StringIO()
+    assert _gpu_summary().summarize("summary-error", "s1", store_uri, out=buf) == 1
+    assert "FAIL  no cell ended in error, timeout or divergence: performer n=4096 kernel error: RuntimeError: boom" \
+        in buf.getvalue()
