@@ -155,6 +155,13 @@ def test_gpu_check_dry_run_prints_the_plan_and_validates_every_cell(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()  # a dry run writes nothing
 
 
+@pytest.mark.parametrize("grid", sorted(p.stem for p in (REPO / "conf" / "grid").glob("*.yaml")))
+def test_every_shipped_grid_composes_and_validates(grid, capsys):
+    assert _gpu_summary().plan(grid, []) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(rf"^grid={grid}: [1-9]\d* cells in \d+ grids, every one composes and validates$", out, re.MULTILINE)
+
+
 def test_plan_rejects_a_cell_that_does_not_validate(capsys):
     assert _gpu_summary().plan("gpu_check", ["backbone.n_heads=3"]) == 1
     assert "FAIL cell does not validate" in capsys.readouterr().out
