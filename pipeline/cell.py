@@ -264,6 +264,21 @@ def execute(d: dict[str, Any]) -> CellResult:
     return result
 
 
+def wants_cuda(d: dict[str, Any]) -> bool:
+    return str((d.get("trainer") or {}).get("accelerator")) in ("gpu", "cuda")
+
+
+def cuda_missing() -> str | None:
+    """Why a cell asking for a GPU cannot run on this machine (None when CUDA is there). Imports
+    torch: call it only for such cells. `is_available` counts devices without creating a context."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, no device visible"
+    return f"trainer.accelerator=gpu but this machine has no usable CUDA device (torch {torch.__version__}: {build})"
+
+
 def _device(cfg):
     import torch
 

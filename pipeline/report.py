@@ -1244,9 +1244,9 @@ def _section_provenance(doc: Doc, cells: pd.DataFrame) -> None:
     doc.h(3, "Backend that ran, per variant")
     rows = []
     for model, g in cells.groupby("tags.model", sort=True):
-        ran = g.dropna(subset=["tags.backend"]) if "tags.backend" in g else g.iloc[0:0]
-        per = [f"{b} ({len(gb)}: {', '.join(sorted(set(gb['tags.scenario'].astype(str))))})"
-               for b, gb in ran.groupby("tags.backend", sort=True)]
+        ran = g.dropna(subset=["tags.backend"]) if "tags.backend" in g else None  # none: no cell got that far
+        per = [] if ran is None else [f"{b} ({len(gb)}: {', '.join(sorted(set(gb['tags.scenario'].astype(str))))})"
+                                      for b, gb in ran.groupby("tags.backend", sort=True)]
         notes = sorted(set(g.get("tags.backend_note", pd.Series(dtype=str)).dropna()))
         details = sorted(set(g.get("tags.backend_detail", pd.Series(dtype=str)).dropna()))
         flag = ["more than one backend ran"] if len(per) > 1 else []

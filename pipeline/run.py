@@ -21,12 +21,18 @@ def _fail(msg: str) -> None:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> str:
-    from pipeline.cell import run_cell  # torch-free: run_cell validates before anything heavy
+    # torch-free imports: run_cell validates before anything heavy; cuda_missing imports torch
+    from pipeline.cell import cuda_missing, run_cell, wants_cuda
     from pipeline.sweep import sweep_info_for_job
     from pipeline.tracking import TrackingError
 
+    d, sweep = to_dict(cfg), sweep_info_for_job()
+    if sweep is None and wants_cuda(d):  # one cell from the command line: say so before any run is made
+        why = cuda_missing()
+        if why is not None:
+            _fail(f"{why}: run it on a GPU machine")
     try:
-        return run_cell(to_dict(cfg), sweep=sweep_info_for_job())
+        return run_cell(d, sweep=sweep)
     except (ConfigError, TrackingError) as e:
         _fail(str(e))
     return "error"

@@ -63,6 +63,7 @@ class GridSweeper(BasicSweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from pipeline import tracking
+        from pipeline.cell import cuda_missing, wants_cuda
         from pipeline.config import ConfigError, to_dict, validate
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
@@ -76,11 +77,14 @@ class GridSweeper(BasicSweeper):
         # compose and check every cell before the first one runs: the config, then whether the
         # cell's task can be laid out at its length (e.g. MQAR's pairs and query distance)
         checked_tasks: set[tuple[str, int]] = set()
+        gpu_cell = None
         for job in jobs:
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
             try:
                 d = to_dict(cfg)
                 validate(d)
+                if gpu_cell is None and wants_cuda(d):
+                    gpu_cell = job
                 key = (repr(sorted(d["task"].items())), d["seq_len"])
                 if d["scenario"].get("uses_task", True) and key not in checked_tasks:
                     from pipeline.tasks import build_task
@@ -93,6 +97,14 @@ class GridSweeper(BasicSweeper):
             except ConfigError as e:
                 # one line, before any cell runs (Hydra would print a traceback for an exception)
                 print(f"attnbench: error: {e} (cell: {' '.join(job)})", file=sys.stderr)
+                sys.exit(2)
+        # GPU cells launched on this machine need its CUDA; a cluster launcher runs them elsewhere
+        launcher = str((self.config.hydra.get("launcher") or {}).get("_target_", ""))
+        if gpu_cell is not None and "slurm" not in launcher.lower():
+            why = cuda_missing()
+            if why is not None:
+                print(f"attnbench: error: {why}: run this grid on a GPU machine, or submit it to one "
+                      f"(hydra/launcher=slurm) (cell: {' '.join(gpu_cell)})", file=sys.stderr)
                 sys.exit(2)
 
         tcfg = self.config.get("tracking") or {}

@@ -92,3 +92,15 @@ def test_sweep_rejects_an_impossible_task_layout_before_any_cell(tmp_path):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "seq_len" in lines[0] and "mqar" in lines[0], r.stderr
     assert not (tmp_path / "x.db").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None or __import__("torch").cuda.is_available(),
+                    reason="needs a machine without CUDA")
+@pytest.mark.parametrize("args", [["-m", "grid=long"], ["trainer=gpu"]], ids=["sweep", "one-cell"])
+def test_gpu_cells_without_cuda_fail_in_one_line_before_any_run(args, tmp_path):
+    r = run_cli([*args, f"tracking.uri=sqlite:///{tmp_path / 'x.db'}", f"hydra.sweep.dir={tmp_path / 'mr'}"],
+                timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no usable CUDA device" in lines[0], r.stderr
+    assert not (tmp_path / "x.db").exists(), "no store may be created for a grid that cannot run here"

@@ -455,3 +455,14 @@ def test_failures_section_lists_ok_cells_without_forward_backward():
     assert ("| vanilla | 65,536 | bfloat16 | out of memory in forward+backward: OutOfMemoryError: CUDA out of memory |"
             " vanilla-n65536-kernel `aaaaaaaa` |") in md
     assert "xformers-n65536" not in md
+
+
+def test_provenance_when_no_cell_got_as_far_as_a_backend():
+    # every cell failed before its mixer ran (e.g. a GPU grid on a machine without CUDA)
+    cells = pd.DataFrame({"tags.status": ["error", "error"], "tags.model": ["ssm", "xformers"],
+                          "tags.scenario": ["kernel", "kernel"], "tags.device": ["cpu", "cpu"]})
+    doc = R.Doc()
+    R._section_provenance(doc, cells)
+    md = doc.markdown()
+    assert "| ssm | not logged | — | — |" in md and "| xformers | not logged | — | — |" in md
+    assert "| device | cpu |" in md
