@@ -403,9 +403,12 @@ def _compare(d, dtype: str, reference: str, efficient: str, say) -> None:
 def _memory_limit(d, dtype: str, reference: str, say) -> None:
     """Where the reference stopped: its first cell that did not run ok, and why."""
     ref = d[d["model"] == reference].sort_values("n")
-    stopped = ref[ref["status"] != "ok"]
-    for _, r in stopped.iterrows():
-        say(f"{reference} ({dtype}) n={int(r['n'])}: {r['status']}: {_first_line(r.get('tags.failure_reason'))}")
+    for _, r in ref.iterrows():
+        if r["status"] != "ok":
+            say(f"{reference} ({dtype}) n={int(r['n'])}: {r['status']}: {_first_line(r.get('tags.failure_reason'))}")
+        elif isinstance(r.get("tags.fwdbwd_skipped"), str):  # forward measured, forward+backward not
+            say(f"{reference} ({dtype}) n={int(r['n'])}: forward ok, forward+backward not run: "
+                f"{_first_line(r['tags.fwdbwd_skipped'])}")
 
 
 # ============================================================================ entry

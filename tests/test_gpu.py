@@ -179,12 +179,12 @@ def _write_sweep(uri: str, exp: str, xformers_backend: str = "xformers", cut: in
     parent = tr.create_run("sweep-gpu_check-s1", {"sweep_id": "s1", "attnbench.role": "sweep", "status": "ok"})
     i = 0
 
-    def cell(model, scenario, n, status, metrics=(), dtype="bfloat16", ckpt=False, backend="", reason=""):
+    def cell(model, scenario, n, status, metrics=(), dtype="bfloat16", ckpt=False, backend="", reason="", tags=None):
         nonlocal i
         i += 1
         tags = {"model": model, "scenario": scenario, "task": "mqar", "status": status, "sweep_id": "s1",
                 "config_hash": f"h{i}", "device": "cuda", "device_name": "Test GPU", "torch_version": "2.11.0",
-                "xformers_version": "0.0.35", "failure_reason": reason}
+                "xformers_version": "0.0.35", "failure_reason": reason, **(tags or {})}
         if backend:
             tags["backend"] = backend
         if backend == "xformers":
@@ -210,7 +210,8 @@ def _write_sweep(uri: str, exp: str, xformers_backend: str = "xformers", cut: in
              backend=xformers_backend if n == 4096 else "xformers")
         cell("ssm", "kernel", n, "ok", {"kernel/fwd_ms": 1e-4 * n, "kernel/fwdbwd_ms": 3e-4 * n,
                                         "kernel/peak_mem_mb": 1e-3 * n}, backend="fft-conv")
-    cell("vanilla", "kernel", 4096, "ok", {"kernel/fwd_ms": 2.0}, dtype="float32", backend="torch-matmul")
+    cell("vanilla", "kernel", 4096, "ok", {"kernel/fwd_ms": 2.0}, dtype="float32", backend="torch-matmul",
+         tags={"fwdbwd_skipped": "out of memory in forward+backward: OutOfMemoryError: CUDA out of memory (test)"})
     for _ in range(cut):  # what the deadline's SIGINT leaves of the cell it stops (pipeline/cell.py)
         cell("xformers", "kernel", 4096, "error", dtype="float32", reason="interrupted")
     cell("vanilla", "kernel", 32768, "skipped", dtype="float32",
@@ -237,6 +238,8 @@ def test_summary_of_a_gpu_check_sweep(store_uri):
     assert "forward+backward 15.0x faster" in text
     assert "vanilla (bfloat16) n=65536: oom: OutOfMemoryError: CUDA out of memory" in text
     assert "vanilla (float32) n=32768: skipped: predicted peak 96.50 GiB" in text
+    assert ("vanilla (float32) n=4096: forward ok, forward+backward not run: out of memory in forward+backward: "
+            "OutOfMemoryError: CUDA out of memory (test)") in text
     assert re.search(r"^vanilla +4096 torch-matmul +4000 +1000 +-75% +40\.0 +52\.0 +\+30%$", text, re.MULTILINE), text
     assert "PASS  vanilla bf16 ran, then hit the memory limit within the grid (first at n=65536: oom)" in text
     assert "PASS  xformers bf16 ran at every length the sweep reached, up to n=131072" in text
