@@ -6,11 +6,11 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 # The CPU wheel of torch is pinned here so a fresh install does not pull a multi-GB CUDA build:
-# PyPI's Linux torch is the CUDA one, so the CPU build comes from PyTorch's CPU index, unless pip
-# already finds torch 2.13.0 without any index (a local wheel through find-links).
+# PyPI's Linux torch is the CUDA one, so the CPU build comes from TORCH_INDEX, PyTorch's CPU index,
+# unless the new venv's pip finds torch 2.13.0 without any index (a local wheel via find-links).
 # On a CUDA machine: install your torch first, then `make install TORCH_CONSTRAINT=`.
 TORCH_CONSTRAINT ?= -c constraints/cpu.txt
-TORCH_INDEX ?= $(shell $(PY) -m pip install --dry-run --no-deps --no-index -q -r constraints/cpu.txt >/dev/null 2>&1 || echo https://download.pytorch.org/whl/cpu)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 GRID    ?= cpu
 EXP     ?= attnbench
 ARGS    ?=
@@ -25,7 +25,11 @@ help: ## list the targets
 $(BIN)/attnbench: pyproject.toml constraints/cpu.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-	set -o pipefail; $(BIN)/pip install -q $(TORCH_CONSTRAINT) $(if $(TORCH_CONSTRAINT),$(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))) -e '.[dev]' --config-settings editable_mode=compat 2>&1 | grep -v "is ignored: it is neither" || true
+	set -o pipefail; index=""; \
+	if [ -n "$(TORCH_CONSTRAINT)" ] && ! $(BIN)/pip install -q --dry-run --ignore-installed --no-deps --no-index \
+	        -r constraints/cpu.txt >/dev/null 2>&1; then \
+	    index="$(TORCH_INDEX)"; echo "no local torch 2.13.0 wheel: its CPU build from $$index"; fi; \
+	$(BIN)/pip install -q $(TORCH_CONSTRAINT) $${index:+--extra-index-url $$index} -e '.[dev]' --config-settings editable_mode=compat 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -c "import torch, hydra, mlflow, pytorch_lightning; print('installed torch', torch.__version__)"
 	@touch $@
 

@@ -245,8 +245,7 @@ def execute(d: dict[str, Any]) -> CellResult:
             "device": device.type, "device_name": device_name(device),
             "num_threads": str(torch.get_num_threads()), "world_size": str(world), "torch_version": torch.__version__,
             "allocator": allocator_tag(),
-            # "highest": fp32 matmuls in full fp32; "high"/"medium" let CUDA use TF32 (bf16 on some CPUs)
-            "fp32_matmul": torch.get_float32_matmul_precision(),
+            "fp32_matmul": fp32_matmul_tag(),
         })
         preflight(cfg, device, result)
         load_all()[cfg.scenario.name](cfg, device, result)
@@ -264,6 +263,17 @@ def execute(d: dict[str, Any]) -> CellResult:
     return result
 
 
+def fp32_matmul_tag() -> str:
+    """The precision fp32 matmuls run at: "highest" is full fp32; "high"/"medium" let CUDA use TF32
+    (bf16 on some CPUs). The getter refuses once the newer per-backend setting has been used."""
+    import torch
+
+    try:
+        return torch.get_float32_matmul_precision()
+    except RuntimeError:
+        return f"cuda matmul fp32_precision={torch.backends.cuda.matmul.fp32_precision}"
+
+
 def wants_cuda(d: dict[str, Any]) -> bool:
     return str((d.get("trainer") or {}).get("accelerator")) in ("gpu", "cuda")
 
@@ -275,7 +285,7 @@ def cuda_missing() -> str | None:
 
     if torch.cuda.is_available():
         return None
-    build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, no device visible"
+    build = "built without CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, no device visible"
     return f"trainer.accelerator=gpu but this machine has no usable CUDA device (torch {torch.__version__}: {build})"
 
 

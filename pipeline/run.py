@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.config import ConfigError, check_group_overrides, to_dict
+from pipeline.config import ConfigError, check_group_overrides, to_dict, validate
 
 
 def _fail(msg: str) -> None:
@@ -27,11 +27,12 @@ def _hydra_main(cfg: DictConfig) -> str:
     from pipeline.tracking import TrackingError
 
     d, sweep = to_dict(cfg), sweep_info_for_job()
-    if sweep is None and wants_cuda(d):  # one cell from the command line: say so before any run is made
-        why = cuda_missing()
-        if why is not None:
-            _fail(f"{why}: run it on a GPU machine")
     try:
+        if sweep is None and wants_cuda(d):  # one cell from the command line: say so before any run is made
+            validate(d)  # a bad field first: it is the clearer error
+            why = cuda_missing()
+            if why is not None:
+                _fail(f"{why}: run it on a GPU machine")
         return run_cell(d, sweep=sweep)
     except (ConfigError, TrackingError) as e:
         _fail(str(e))

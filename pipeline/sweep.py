@@ -21,7 +21,7 @@ import logging
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,7 @@ class GridSweeper(BasicSweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from pipeline import tracking
         from pipeline.cell import cuda_missing, wants_cuda
-        from pipeline.config import ConfigError, to_dict, validate
+        from pipeline.config import ConfigError, to_dict
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -82,30 +82,17 @@ class GridSweeper(BasicSweeper):
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
             try:
                 d = to_dict(cfg)
-                validate(d)
+                check_cell(d, checked_tasks)
                 if gpu_cell is None and wants_cuda(d):
                     gpu_cell = job
-                key = (repr(sorted(d["task"].items())), d["seq_len"])
-                if d["scenario"].get("uses_task", True) and key not in checked_tasks:
-                    from pipeline.tasks import build_task
-
-                    try:
-                        build_task(d["task"]).check(int(d["seq_len"]))
-                    except ValueError as e:
-                        raise ConfigError(str(e)) from None
-                    checked_tasks.add(key)
             except ConfigError as e:
                 # one line, before any cell runs (Hydra would print a traceback for an exception)
                 print(f"attnbench: error: {e} (cell: {' '.join(job)})", file=sys.stderr)
                 sys.exit(2)
-        # GPU cells launched on this machine need its CUDA; a cluster launcher runs them elsewhere
-        launcher = str((self.config.hydra.get("launcher") or {}).get("_target_", ""))
-        if gpu_cell is not None and "slurm" not in launcher.lower():
-            why = cuda_missing()
-            if why is not None:
-                print(f"attnbench: error: {why}: run this grid on a GPU machine, or submit it to one "
-                      f"(hydra/launcher=slurm) (cell: {' '.join(gpu_cell)})", file=sys.stderr)
-                sys.exit(2)
+        why = gpu_launch_problem(self.config.hydra.get("launcher") or {}, cuda_missing) if gpu_cell else None
+        if why is not None:
+            print(f"attnbench: error: {why} (cell: {' '.join(gpu_cell)})", file=sys.stderr)
+            sys.exit(2)
 
         tcfg = self.config.get("tracking") or {}
         try:
@@ -177,6 +164,41 @@ class GridSweeper(BasicSweeper):
                 tr.log_file(parent, f, "report")
         tr.set_tag(parent, "report_dir", str(out))
         print(f"[attnbench] report: {Path(out) / 'report.html'}  (markdown: {Path(out) / 'report.md'})", flush=True)
+
+
+def gpu_launch_problem(launcher: Any, cuda_missing: Callable[[], str | None]) -> str | None:
+    """Why GPU cells cannot run through this Hydra launcher config, or None. A cluster launcher
+    runs them on other machines (nothing to check here); a local one needs this machine's CUDA,
+    and submitit_local also a GPU count, without which it hides every GPU from its jobs."""
+    target = str(launcher.get("_target_", ""))
+    if "slurm" in target.lower():
+        return None
+    why = cuda_missing()
+    if why is not None:
+        return f"{why}: run this grid on a GPU machine, or submit it to one (hydra/launcher=slurm)"
+    if target.endswith("submitit_launcher.LocalLauncher") and not launcher.get("gpus_per_node"):
+        return ("hydra/launcher=submitit_local hides every GPU from its jobs unless hydra.launcher.gpus_per_node "
+                "is set (1, or N for trainer=ddp)")
+    return None
+
+
+def check_cell(d: dict[str, Any], checked_tasks: set | None = None) -> None:
+    """Everything that can be known wrong about a cell before it runs: the config (validate), then
+    whether its task can be laid out at its length (e.g. MQAR's pairs and query distance). Raises
+    ConfigError. `checked_tasks` remembers (task, length) pairs already checked."""
+    from pipeline.config import ConfigError, validate
+
+    validate(d)
+    key = (repr(sorted(d["task"].items())), d["seq_len"])
+    if d["scenario"].get("uses_task", True) and (checked_tasks is None or key not in checked_tasks):
+        from pipeline.tasks import build_task
+
+        try:
+            build_task(d["task"]).check(int(d["seq_len"]))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if checked_tasks is not None:
+            checked_tasks.add(key)
 
 
 def sweep_info_for_job():

@@ -150,8 +150,8 @@ def plan(grid: str, extra: list[str]) -> int:
     from omegaconf import OmegaConf
 
     import pipeline  # noqa: F401 - registers the config resolvers
-    from pipeline.config import ConfigError, to_dict, validate
-    from pipeline.sweep import expand_grids
+    from pipeline.config import ConfigError, to_dict
+    from pipeline.sweep import check_cell, expand_grids
 
     arguments = [f"grid={grid}", *extra]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -160,10 +160,11 @@ def plan(grid: str, extra: list[str]) -> int:
         parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
         jobs = expand_grids(parser, grids, arguments)
         groups: dict[tuple, list[str]] = {}
+        checked_tasks: set = set()
         for job in jobs:
             d = to_dict(compose(config_name="config", overrides=job))
             try:
-                validate(d)
+                check_cell(d, checked_tasks)  # what the sweeper checks before its first cell
             except ConfigError as e:
                 print(f"FAIL cell does not validate: {e} (cell: {' '.join(job)})")
                 return 1

@@ -104,3 +104,36 @@ def test_gpu_cells_without_cuda_fail_in_one_line_before_any_run(args, tmp_path):
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "no usable CUDA device" in lines[0], r.stderr
     assert not (tmp_path / "x.db").exists(), "no store may be created for a grid that cannot run here"
+
+
+def test_fp32_matmul_tag_survives_the_newer_precision_api():
+    import subprocess
+    import sys
+
+    code = ("import torch; from pipeline.cell import fp32_matmul_tag; a = fp32_matmul_tag(); "
+            "torch.backends.cuda.matmul.fp32_precision = 'tf32'; print(a, '|', fp32_matmul_tag())")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr  # its own process: the setting is global to one
+    assert r.stdout.strip() == "highest | cuda matmul fp32_precision=tf32"
+
+
+def test_gpu_launch_problem_per_launcher():
+    from pipeline.sweep import gpu_launch_problem
+
+    def no_cuda():
+        return "no usable CUDA device"
+
+    def cuda():
+        return None
+
+    def must_not_ask():
+        raise AssertionError("a cluster launcher runs the cells elsewhere: this machine's CUDA does not matter")
+
+    slurm = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"}
+    local = {"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher", "gpus_per_node": None}
+    basic = {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}
+    assert gpu_launch_problem(slurm, must_not_ask) is None
+    assert gpu_launch_problem(basic, cuda) is None
+    assert "no usable CUDA device" in gpu_launch_problem(basic, no_cuda)
+    assert "gpus_per_node" in gpu_launch_problem(local, cuda)
+    assert gpu_launch_problem({**local, "gpus_per_node": 1}, cuda) is None

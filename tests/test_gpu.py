@@ -165,6 +165,10 @@ def test_every_shipped_grid_composes_and_validates(grid, capsys):
 def test_plan_rejects_a_cell_that_does_not_validate(capsys):
     assert _gpu_summary().plan("gpu_check", ["backbone.n_heads=3"]) == 1
     assert "FAIL cell does not validate" in capsys.readouterr().out
+    # as the sweeper does: a task that cannot be laid out at the cell's length (MQAR in 16 tokens)
+    assert _gpu_summary().plan("smoke", ["seq_len=16"]) == 1  # its full and train cells are MQAR
+    out = capsys.readouterr().out
+    assert "FAIL cell does not validate" in out and "mqar" in out
 
 
 # --- the summary, on a store shaped like a gpu_check sweep, with known answers ---
