@@ -22,7 +22,7 @@ from typing import Any
 from pipeline import tracking
 from pipeline.config import config_hash, family_hash, flatten, validate
 from pipeline.registry import REPO_ROOT
-from pipeline.scenarios.base import CellResult, Diverged, is_oom
+from pipeline.scenarios.base import CellResult, Diverged, failure_text, is_oom
 
 # One allocator setup for every benchmark child process (CPU timings of T x T buffers depend on
 # it: fresh pages fault on every call otherwise). THP_MEM_ALLOC_ENABLE makes torch's CPU allocator
@@ -255,8 +255,7 @@ def execute(d: dict[str, Any]) -> CellResult:
         result.status, result.failure_reason = "diverged", str(e) or "non-finite loss"
     except BaseException as e:
         result.status = "oom" if is_oom(e) else "error"
-        first = (str(e).strip().splitlines() or [""])[0]
-        result.failure_reason = f"{type(e).__name__}: {first}"[:500]
+        result.failure_reason = failure_text(e)
         result.artifacts["traceback.txt"] = traceback.format_exc()
         if isinstance(e, KeyboardInterrupt):
             raise
@@ -274,7 +273,8 @@ def fp32_matmul_tag() -> str:
         return f"cuda matmul fp32_precision={torch.backends.cuda.matmul.fp32_precision}"
 
 
-def wants_cuda(d: dict[str, Any]) -> bool:
+def wants_cuda(d) -> bool:
+    """Whether a cell config (dict or DictConfig) asks for a CUDA device."""
     return str((d.get("trainer") or {}).get("accelerator")) in ("gpu", "cuda")
 
 
@@ -292,10 +292,10 @@ def cuda_missing() -> str | None:
 def _device(cfg):
     import torch
 
-    acc = str(cfg.trainer.accelerator)
-    if acc in ("gpu", "cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError("trainer.accelerator=gpu but CUDA is not available on this machine")
+    if wants_cuda(cfg):
+        why = cuda_missing()
+        if why is not None:
+            raise RuntimeError(why)
         return torch.device("cuda", 0)
     return torch.device("cpu")
 

@@ -184,8 +184,8 @@ def plan(grid: str, extra: list[str]) -> int:
 # ============================================================================ summary
 
 
-def latest_sweep(experiment: str, uri: str) -> str | None:
-    """The sweep id of the newest sweep (parent) run in the experiment, or None."""
+def _sweep_run(experiment: str, uri: str, sweep: str | None = None):
+    """The parent run of sweep `sweep` (None: of the newest sweep) in the experiment, or None."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.report import SWEEP_ROLE_TAG
@@ -194,9 +194,15 @@ def latest_sweep(experiment: str, uri: str) -> str | None:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], f"tags.`{SWEEP_ROLE_TAG}` = 'sweep'",
-                              max_results=1, order_by=["attributes.start_time DESC"])
-    return runs[0].data.tags.get("sweep_id") if runs else None
+    query = f"tags.`{SWEEP_ROLE_TAG}` = 'sweep'" + (f" and tags.sweep_id = '{sweep}'" if sweep else "")
+    runs = client.search_runs([exp.experiment_id], query, max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
+def latest_sweep(experiment: str, uri: str) -> str | None:
+    """The sweep id of the newest sweep (parent) run in the experiment, or None."""
+    run = _sweep_run(experiment, uri)
+    return run.data.tags.get("sweep_id") if run else None
 
 
 def _num(v: Any) -> float:
@@ -225,19 +231,8 @@ def _status_word(status: str) -> str:
 
 def planned_cells(experiment: str, sweep: str | None, uri: str) -> int | None:
     """How many cells the sweep's parent run says it planned (its `n_cells` param), or None."""
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.report import SWEEP_ROLE_TAG
-
-    if sweep is None:
-        return None
-    client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return None
-    runs = client.search_runs([exp.experiment_id],
-                              f"tags.`{SWEEP_ROLE_TAG}` = 'sweep' and tags.sweep_id = '{sweep}'", max_results=1)
-    n = runs[0].data.params.get("n_cells") if runs else None
+    run = _sweep_run(experiment, uri, sweep) if sweep else None
+    n = run.data.params.get("n_cells") if run else None
     return int(n) if n is not None and str(n).isdigit() else None
 
 

@@ -28,6 +28,12 @@ class Diverged(RuntimeError):
     """Raised when a loss becomes non-finite; the cell is recorded with status `diverged`."""
 
 
+def failure_text(e: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:500]
+
+
 def is_oom(e: BaseException) -> bool:
     """An allocation the device refused: CUDA's OutOfMemoryError, or the CPU allocator's."""
     import torch

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.measure import PeakMemory, count_flops, gemm_peak_tflops, summarize, time_calls
 from pipeline.registry import build_mixer
-from pipeline.scenarios.base import CellResult, Diverged, is_oom, register
+from pipeline.scenarios.base import CellResult, Diverged, failure_text, is_oom, register
 
 
 @register("kernel")
@@ -93,8 +93,7 @@ def run_kernel(cfg, device: torch.device, result: CellResult) -> None:
             # and the scores' at once): running out there leaves the forward's figures standing
             if not is_oom(e):
                 raise
-            first = (str(e).strip().splitlines() or [""])[0]
-            result.tags["fwdbwd_skipped"] = f"out of memory in forward+backward: {type(e).__name__}: {first}"[:500]
+            result.tags["fwdbwd_skipped"] = f"out of memory in forward+backward: {failure_text(e)}"
         else:
             s2 = summarize(fb_ms)
             m.update({"kernel/fwdbwd_ms": s2["median"], "kernel/fwdbwd_ms_iqr": s2["iqr"],
