@@ -6,6 +6,7 @@ Shape legend as in models/base.py: B batch, T sequence length, D model width.
 
     block = Block(mixer, d_model=64, mlp_ratio=4, grad_checkpointing=True)
     y_BTD = block(x_BTD)
+    y_B1D, state = block.step(x_B1D, state)     # decoding: norm, mixer.step, MLP (see models/base.py)
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.base import SequenceMixer
+from models.base import DecodeState, SequenceMixer
 
 
 class MLP(nn.Module):
@@ -54,3 +55,14 @@ class Block(nn.Module):
         if self.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._body, x_BTD, use_reentrant=False)
         return self._body(x_BTD)
+
+    # --- decoding: the same body around the mixer's prefill / step ---------------
+    def prefill(self, x_BTD: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, DecodeState]:
+        y_BTD, state = self.mixer.prefill(self.norm1(x_BTD), state)
+        x_BTD = x_BTD + y_BTD
+        return x_BTD + self.mlp(self.norm2(x_BTD)), state
+
+    def step(self, x_B1D: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, DecodeState]:
+        y_B1D, state = self.mixer.step(self.norm1(x_B1D), state)
+        x_B1D = x_B1D + y_B1D
+        return x_B1D + self.mlp(self.norm2(x_B1D)), state

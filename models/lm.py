@@ -27,15 +27,20 @@ Shape legend as in models/base.py: B batch, T sequence length, D model width, V 
     model = TokenModel(vocab_size=144, d_model=64, n_layers=2, n_heads=2, mlp_ratio=4,
                        mixer_factory=mixer_factory(model_cfg), prev_token=True)
     logits_BTV = model(tokens_BT)
+
+    state = model.init_state(batch=1, max_len=T + k)     # greedy decoding
+    logits_BTV, state = model.prefill(tokens_BT, state)
+    logits_B1V, state = model.step(logits_BTV[:, -1:].argmax(-1), state)
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from models.base import SequenceMixer
+from models.base import DecodeState, SequenceMixer
 from models.blocks import Block
 
 
@@ -88,16 +93,68 @@ class TokenModel(nn.Module):
             b.grad_checkpointing = enabled
 
     def forward(self, tokens_BT: torch.Tensor) -> torch.Tensor:
-        T = tokens_BT.shape[1]
-        x_BTD = self.tok_emb(tokens_BT)
-        if self.prev_emb is not None:
-            start_B1 = torch.full_like(tokens_BT[:, :1], self.vocab_size)
-            prev_BT = torch.cat([start_B1, tokens_BT[:, :-1]], dim=1)  # token t-1 at position t
-            x_BTD = x_BTD + self.prev_emb(prev_BT)
-        if self.pos_emb is not None:
-            if T > self.max_len:
-                raise ValueError(f"sequence length {T} exceeds the position table's max_len={self.max_len}")
-            x_BTD = x_BTD + self.pos_emb(torch.arange(T, device=tokens_BT.device))  # (T, D) broadcast
+        x_BTD = self._embed(tokens_BT)
         for block in self.blocks:
             x_BTD = block(x_BTD)
         return self.head(self.norm(x_BTD))  # (B, T, V)
+
+    def _embed(self, tokens_BT: torch.Tensor, start: int = 0, prev_B1: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings of tokens at positions start .. start+T-1; `prev_B1` is the token before
+        them (None at the start of the sequence: the "no previous token" row)."""
+        T = tokens_BT.shape[1]
+        x_BTD = self.tok_emb(tokens_BT)
+        if self.prev_emb is not None:
+            start_B1 = torch.full_like(tokens_BT[:, :1], self.vocab_size) if prev_B1 is None else prev_B1
+            prev_BT = torch.cat([start_B1, tokens_BT[:, :-1]], dim=1)  # token t-1 at position t
+            x_BTD = x_BTD + self.prev_emb(prev_BT)
+        if self.pos_emb is not None:
+            if start + T > self.max_len:
+                raise ValueError(f"sequence length {start + T} exceeds the position table's max_len={self.max_len}")
+            x_BTD = x_BTD + self.pos_emb(torch.arange(start, start + T, device=tokens_BT.device))  # (T, D) broadcast
+        return x_BTD
+
+    # --- decoding: embedding -> blocks (norm, mixer.step, MLP) -> head, one token at a time
+    def init_state(self, batch: int, max_len: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> LMState:
+        """Every block's mixer state for `batch` sequences of up to `max_len` tokens."""
+        if self.max_len is not None and max_len > self.max_len:
+            raise ValueError(f"max_len={max_len} exceeds the position table's max_len={self.max_len}")
+        return LMState([m.init_state(batch, max_len, device, dtype) for m in self.mixers])
+
+    def state_bytes(self, batch: int, max_len: int, dtype_bytes: int = 4) -> int:
+        """Analytic bytes of every block's mixer state (what LMState.nbytes measures)."""
+        return sum(m.state_bytes(batch, max_len, dtype_bytes) for m in self.mixers)
+
+    def prefill(self, tokens_BT: torch.Tensor, state: LMState) -> tuple[torch.Tensor, LMState]:
+        """The prompt through the full forward, filling every block's state: logits (B, T, V)."""
+        if state.pos != 0:
+            raise ValueError(f"prefill needs an empty state (pos 0), got one at pos {state.pos}")
+        x_BTD = self._embed(tokens_BT)
+        for block, st in zip(self.blocks, state.blocks):
+            x_BTD, _ = block.prefill(x_BTD, st)
+        state.pos, state.last_B1 = tokens_BT.shape[1], tokens_BT[:, -1:]
+        return self.head(self.norm(x_BTD)), state
+
+    def step(self, tokens_B1: torch.Tensor, state: LMState) -> tuple[torch.Tensor, LMState]:
+        """One token per sequence (B, 1) at position state.pos: its logits (B, 1, V)."""
+        if tokens_B1.dim() != 2 or tokens_B1.shape[1] != 1:
+            raise ValueError(f"step takes one token per sequence, shape (B, 1); got {tuple(tokens_B1.shape)}")
+        x_B1D = self._embed(tokens_B1, start=state.pos, prev_B1=state.last_B1)
+        for block, st in zip(self.blocks, state.blocks):
+            x_B1D, _ = block.step(x_B1D, st)
+        state.pos, state.last_B1 = state.pos + 1, tokens_B1
+        return self.head(self.norm(x_B1D)), state
+
+
+@dataclass
+class LMState:
+    """A TokenModel's decoding state: one mixer state per block, the position, and the last
+    token consumed (the previous-token input of the next one)."""
+
+    blocks: list[DecodeState]
+    pos: int = 0
+    last_B1: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        """Measured bytes of every block's state tensors."""
+        return sum(b.nbytes() for b in self.blocks)

@@ -35,13 +35,22 @@ i >= g and T >> w that is ~(w+1+g) keys per query causal, ~(2w+1+g) bidirectiona
 computes G+L keys per query chunk row, so useful/computed is ~(w+1+g)/(w+C+g) causal; softmax
 exponentials and the mask are not counted.
 
+Decoding (causal): the g global keys and values in fixed slots, and a ring buffer of the last
+w+1 (positions i-w .. i; slot g + i mod (w+1)); a step attends over those g + w + 1 slots with
+a mask of the pattern, O((w + g) D) per token whatever the context. `state_bytes` =
+2 B (min(g, max_len) + min(w+1, max_len)) D dtype_bytes. Prefill writes the globals and the
+prompt's last w+1 keys from the forward's projections.
+
     attn = LongformerAttention(d_model=256, n_heads=4, causal=True, window=512, global_tokens=16)
     y_BTD = attn(x_BTD)
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from models.knobs import check_knob
 from models.vanilla import VanillaAttention
 from models.xformers_attn import sdpa_recorded
 
@@ -137,6 +146,7 @@ class LongformerAttention(VanillaAttention):
     materialises_scores = False
     time_order = 1.0
     memory_order = 1.0
+    constant_state = True  # decoding keeps g + w + 1 keys and values, whatever the context
     # CPU: window and global keys as two fused calls merged by log-sum-exp (no window copies);
     # False runs the one-softmax path every device uses (the tests run both)
     split_globals = True
@@ -144,13 +154,8 @@ class LongformerAttention(VanillaAttention):
     def __init__(self, d_model: int, n_heads: int, causal: bool = True, bias: bool = False,
                  window: int = 512, global_tokens: int = 16, chunk_size: int = 256):
         super().__init__(d_model, n_heads, causal, bias)
-        if int(window) != window or window <= 0:
-            raise ValueError(f"window must be a positive integer (one-sided width), got {window}")
-        if int(global_tokens) != global_tokens or global_tokens < 0:
-            raise ValueError(f"global_tokens must be an integer >= 0, got {global_tokens}")
-        if int(chunk_size) != chunk_size or chunk_size <= 0:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-        self.window, self.global_tokens, self.chunk_size = int(window), int(global_tokens), int(chunk_size)
+        self.window, self.global_tokens, self.chunk_size = (
+            check_knob("window", window), check_knob("global_tokens", global_tokens), check_knob("chunk_size", chunk_size))
         self._mask_cache: tuple | None = None  # ((T, device, dtype), mask) of the last forward
 
     def _geometry(self, T: int) -> tuple[int, int, int, int]:
@@ -221,6 +226,11 @@ class LongformerAttention(VanillaAttention):
         return runs
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self._forward(x_BTD)
+
+    def _forward(self, x_BTD: torch.Tensor, state=None) -> torch.Tensor:
+        """The forward; with a state (prefill), the globals' and the last window's keys and
+        values also go into it."""
         B, T, _ = x_BTD.shape
         g = self.global_tokens
         if g > T:
@@ -228,6 +238,8 @@ class LongformerAttention(VanillaAttention):
         H, K = self.n_heads, self.head_dim
         w, C, nc, L = self._geometry(T)
         q_BHTK, k_BHTK, v_BHTK = self.split_heads(x_BTD)
+        if state is not None:
+            self._cache_prompt(state, k_BHTK, v_BHTK)
 
         # queries: pad to nc*C and cut into chunks; chunks go into SDPA's head axis
         pad_T = nc * C - T
@@ -271,6 +283,64 @@ class LongformerAttention(VanillaAttention):
             y, kernel, _ = sdpa_recorded(q_XNCK[:, lo:hi], k_XNLK[:, lo:hi], v_XNLK[:, lo:hi], attn_mask=mask)
             parts.append(y)
         return _join_runs(parts), kernel
+
+    # --- decoding: the g global keys plus a ring buffer of the window ----------
+    def _slots(self, max_len: int) -> tuple[int, int]:
+        """(G, R): global slots and ring slots. The ring holds positions i-w .. i (w+1 keys, the
+        current one included); neither needs more slots than there are positions."""
+        return min(self.global_tokens, max_len), min(self.window + 1, max_len)
+
+    def _new_state(self, batch, max_len, device, dtype):
+        G, R = self._slots(max_len)
+        shape = (batch, self.n_heads, G + R, self.head_dim)
+        # zeros, not empty: unused slots are masked, but garbage there (inf, nan) would still poison a score
+        tensors = {"k": torch.zeros(shape, device=device, dtype=dtype),
+                   "v": torch.zeros(shape, device=device, dtype=dtype)}
+        return tensors, {"ring_R": torch.arange(R, device=device), "global_G": torch.arange(G, device=device)}
+
+    def state_bytes(self, batch: int, max_len: int, dtype_bytes: int = 4) -> int:
+        G, R = self._slots(max_len)
+        return 2 * batch * (G + R) * self.d_model * dtype_bytes
+
+    def _cache_prompt(self, state, k_BHTK: torch.Tensor, v_BHTK: torch.Tensor) -> None:
+        """Globals at slots 0..G-1; position p >= G of the last R at ring slot G + p mod R."""
+        T = k_BHTK.shape[2]
+        G, R = self._slots(state.max_len)
+        kc, vc = state.tensors["k"], state.tensors["v"]
+        g = min(G, T)
+        kc[:, :, :g].copy_(k_BHTK[:, :, :g])
+        vc[:, :, :g].copy_(v_BHTK[:, :, :g])
+        lo = max(g, T - R)
+        if lo < T:
+            idx = G + torch.arange(lo, T, device=kc.device) % R
+            kc.index_copy_(2, idx, k_BHTK[:, :, lo:T])
+            vc.index_copy_(2, idx, v_BHTK[:, :, lo:T])
+
+    def _prefill(self, x_BTD: torch.Tensor, state) -> torch.Tensor:
+        if x_BTD.shape[1] < self.global_tokens:  # the forward refuses a prompt shorter than g: step it
+            return self._prefill_by_steps(x_BTD, state)
+        y_BTD = self._forward(x_BTD, state)
+        state.pos = x_BTD.shape[1]
+        return y_BTD
+
+    def _step(self, x_B1D: torch.Tensor, state) -> torch.Tensor:
+        """Query i sees the globals j < g with j <= i and the window max(g, i-w) .. i: the
+        causal pattern of the module docstring, over G + R slots (O(w + g) per token)."""
+        i, g = state.pos, self.global_tokens
+        G, R = self._slots(state.max_len)
+        q_BH1K, k_BH1K, v_BH1K = self.split_heads(x_B1D)
+        slot = i if i < G else G + i % R
+        kc, vc = state.tensors["k"], state.tensors["v"]
+        kc[:, :, slot:slot + 1].copy_(k_BH1K)
+        vc[:, :, slot:slot + 1].copy_(v_BH1K)
+        # the position each ring slot holds now: the latest p <= i with p = slot mod R (so p >= i - w);
+        # none yet (p < 0), or a global one (p < g, counted once, in its global slot): masked
+        p_R = i - (i - state.consts["ring_R"]) % R
+        ok = torch.cat([state.consts["global_G"] <= i, p_R >= max(g, 0)])
+        s_BH1S = (q_BH1K @ kc.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        s_BH1S = s_BH1S.masked_fill(~ok, float("-inf"))
+        self.backend = "ring-window:torch-matmul"
+        return self.merge_heads(s_BH1S.softmax(dim=-1) @ vc)
 
     def mixing_flops(self, batch: int, seq_len: int) -> float:
         pairs = pattern_pairs(seq_len, self.window, self.global_tokens, self.causal)

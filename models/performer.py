@@ -41,6 +41,10 @@ features 2 * 2TMK; bidirectional + 2 * 2TM(K+1) (the +1 is the normaliser); caus
 useful lower triangle C(C+1)/2 * (M + K+1) * 2, plus the chunk states and the prefix products
 2 * 2TM(K+1).
 
+Decoding (causal): the running sums S = sum phi(k) v^T (M, K) and z = sum phi(k) (M) per
+head, with the running max R of the key logits as their frame (see `_step`); O(M K) per token
+whatever the context. `state_bytes` = B H (M K + M + 1) max(dtype_bytes, 4).
+
     attn = PerformerAttention(d_model=256, n_heads=4, causal=True, features=256)
     y_BTD = attn(x_BTD)
 """
@@ -51,6 +55,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from models.knobs import check_knob
 from models.vanilla import VanillaAttention
 
 
@@ -142,6 +147,7 @@ class PerformerAttention(VanillaAttention):
     materialises_scores = False
     time_order = 1.0
     memory_order = 1.0
+    constant_state = True  # decoding keeps S (M x K), z (M) and R per head, whatever the context
     # causal on CPU: chunks run in blocks of about this many (batch x head x position) rows, so a
     # block's features stay in cache. Measured, mixing core alone (projections excluded), B = 1,
     # 4 heads of 64, 2 threads, ms at n = 1024 / 4096 / 16384: one block 5.2 / 23.7 / 106;
@@ -152,11 +158,8 @@ class PerformerAttention(VanillaAttention):
     def __init__(self, d_model: int, n_heads: int, causal: bool = True, bias: bool = False,
                  features: int = 256, redraw: bool = False, chunk_size: int = 128, seed: int = 0):
         super().__init__(d_model, n_heads, causal, bias)
-        if int(features) != features or features <= 0:
-            raise ValueError(f"features must be a positive integer, got {features}")
-        if int(chunk_size) != chunk_size or chunk_size <= 0:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
-        self.features, self.redraw, self.chunk_size, self.seed = int(features), bool(redraw), int(chunk_size), seed
+        self.features, self.redraw, self.chunk_size, self.seed = (
+            check_knob("features", features), bool(redraw), check_knob("chunk_size", chunk_size), seed)
         self._gen = torch.Generator().manual_seed(int(seed))
         # shared by all heads (as in the paper's code); a buffer so it moves with .to() and is saved
         self.register_buffer("proj_MK", orthogonal_gaussian(self.features, self.head_dim, self._gen))
@@ -183,10 +186,17 @@ class PerformerAttention(VanillaAttention):
         return l_BHTM.sub_(shift.detach()).exp_()
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self._forward(x_BTD)
+
+    def _forward(self, x_BTD: torch.Tensor, state=None) -> torch.Tensor:
+        """The forward; with a state (prefill, causal), the running sums of the prompt's keys
+        also go into it."""
         if self.redraw and self.training:
             self.redraw_features()
         T = x_BTD.shape[1]
         q_BHTK, k_BHTK, v_BHTK = self.split_heads(x_BTD)
+        if state is not None:
+            self._sum_prompt(state, k_BHTK, v_BHTK)
         if self.causal:
             C = min(self.chunk_size, T)
             nc = -(-T // C)
@@ -270,6 +280,59 @@ class PerformerAttention(VanillaAttention):
         den_XC = a_XCC.sum(-1) + torch.bmm(phiq_XCM, pz_BHnM.reshape(X, M, 1)).squeeze(-1)
         y_BHLK = (num_XCK / den_XC.clamp_min(torch.finfo(den_XC.dtype).tiny).unsqueeze(-1)).view(B, H, L, K)
         return y_BHLK, carry
+
+    # --- decoding: the running sums of the causal form ----------------------------
+    # S = sum_j phi(k_j) v_j^T (B, H, M, K) and z = sum_j phi(k_j) (B, H, M), both in the frame
+    # of the running max R (B, H) of the key logits so far: phi(k_j) = exp(l_j - R). A step
+    # raises R to max(R, max l_i) and rescales S, z by exp(R_old - R_new) <= 1 first: the
+    # causal forward's stabiliser, per token instead of per chunk (a constant of each key frame,
+    # so the outputs agree up to rounding). Kept in float32 at least: they sum over the context.
+    @staticmethod
+    def _sum_dtype(dtype: torch.dtype) -> torch.dtype:
+        return torch.promote_types(dtype, torch.float32)
+
+    def _new_state(self, batch, max_len, device, dtype):
+        X, M, K, acc = (batch, self.n_heads), self.features, self.head_dim, self._sum_dtype(dtype)
+        return {"S": torch.zeros(*X, M, K, device=device, dtype=acc),
+                "z": torch.zeros(*X, M, device=device, dtype=acc),
+                "R": torch.full(X, float("-inf"), device=device, dtype=acc)}, {}
+
+    def state_bytes(self, batch: int, max_len: int, dtype_bytes: int = 4) -> int:
+        M, K = self.features, self.head_dim
+        return batch * self.n_heads * (M * K + M + 1) * max(dtype_bytes, 4)
+
+    def _sum_prompt(self, state, k_BHTK: torch.Tensor, v_BHTK: torch.Tensor) -> None:
+        """S, z, R of the whole prompt (O(T M K), as the forward's chunk states), R = the max."""
+        st = state.tensors
+        lk_BHTM = self._logits(k_BHTK).to(st["S"].dtype)
+        r_BH = lk_BHTM.amax(dim=(-2, -1))
+        phik_BHTM = self._exp_minus(lk_BHTM, r_BH[..., None, None])
+        st["S"].copy_(phik_BHTM.transpose(-2, -1) @ v_BHTK.to(st["S"].dtype))
+        st["z"].copy_(phik_BHTM.sum(-2))
+        st["R"].copy_(r_BH)
+
+    def _prefill(self, x_BTD: torch.Tensor, state) -> torch.Tensor:
+        y_BTD = self._forward(x_BTD, state)
+        state.pos = x_BTD.shape[1]
+        return y_BTD
+
+    def _step(self, x_B1D: torch.Tensor, state) -> torch.Tensor:
+        st = state.tensors
+        S, z, R = st["S"], st["z"], st["R"]
+        q_BH1K, k_BH1K, v_BH1K = self.split_heads(x_B1D)
+        phiq_BHM = self._query_features(q_BH1K)[:, :, 0].to(S.dtype)
+        lk_BHM = self._logits(k_BH1K)[:, :, 0].to(S.dtype)
+        r_new = torch.maximum(R, lk_BHM.amax(-1))
+        decay_BH = torch.exp(R - r_new)  # 0 for the first token (R = -inf), else <= 1
+        phik_BHM = self._exp_minus(lk_BHM, r_new[..., None])
+        S.mul_(decay_BH[..., None, None]).add_(phik_BHM.unsqueeze(-1) * v_BH1K.to(S.dtype))  # (M,1)*(1,K)
+        z.mul_(decay_BH[..., None]).add_(phik_BHM)
+        R.copy_(r_new)
+        num_BHK = (phiq_BHM.unsqueeze(-2) @ S).squeeze(-2)
+        den_BH = (phiq_BHM * z).sum(-1)
+        y_BHK = num_BHK / den_BH.clamp_min(torch.finfo(den_BH.dtype).tiny).unsqueeze(-1)
+        self.backend = "favor+-running-sums"
+        return self.merge_heads(y_BHK.unsqueeze(2).to(x_B1D.dtype))
 
     def mixing_flops(self, batch: int, seq_len: int) -> float:
         T, M, K = seq_len, self.features, self.head_dim

@@ -26,6 +26,10 @@ i.e. half of 5 n log2 n for a complex one): kernel matmul D * T * N/2 complex mu
 (8 real FLOPs each) per direction, rfft of the input and of the kernel plus one irfft, and the
 pointwise complex product (6 FLOPs per frequency); projections are in `projection_flops`.
 
+Decoding (causal): the recurrence itself, one (B, D, N/2) complex state, O(D N) per token;
+prefill computes the state after the prompt in one pass (`_state_after`). `state_bytes` =
+B D (N/2) 2 max(dtype_bytes, 4).
+
     ssm = S4DMixer(d_model=256, n_heads=4, causal=True, state_size=64)
     y_BTD = ssm(x_BTD)
 """
@@ -38,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.base import SequenceMixer
+from models.knobs import check_knob
 
 
 class S4DMixer(SequenceMixer):
@@ -48,15 +53,14 @@ class S4DMixer(SequenceMixer):
     materialises_scores = False
     time_order = 1.0  # T log T
     memory_order = 1.0
+    constant_state = True  # decoding keeps the (D, N/2) complex state, whatever the context
 
     def __init__(self, d_model: int, n_heads: int, causal: bool = True, state_size: int = 64,
                  dt_min: float = 1e-3, dt_max: float = 1e-1, bias: bool = False):
         super().__init__(d_model, n_heads, causal)  # n_heads only validates D; the SSM has none
-        if int(state_size) != state_size or state_size < 2 or state_size % 2:
-            raise ValueError(f"state_size must be an even integer >= 2 (N/2 complex modes), got {state_size}")
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
-        self.state_size = int(state_size)
+        self.state_size = check_knob("state_size", state_size)
         D, Nh = d_model, self.state_size // 2
         self.n_dir = 1 if causal else 2  # direction 1 runs on the reversed sequence
         self.in_proj = nn.Linear(D, D, bias=bias)
@@ -76,22 +80,30 @@ class S4DMixer(SequenceMixer):
         cb = torch.view_as_complex(self.c.double().contiguous()).to(dtype) * (torch.exp(dta) - 1) / a
         return dta, cb
 
-    def kernel(self, T: int) -> torch.Tensor:
-        """K[dir, d, l] for l < T, float32 (n_dir, D, T), via the split Vandermonde matmul."""
+    def _split_powers(self, T: int) -> tuple[torch.Tensor, ...]:
+        """(dta, C Bbar, Abar^l0, Abar^(L0 l1)) for the split l = l0 + L0 l1 of the lags l < T:
+        powers (n_dir, D, Nh, L0) and (n_dir, D, Nh, L1), complex128. The kernel and the prefill's
+        state both use them (computing them is most of the kernel's time)."""
         dta, cb = self._discrete()
         L0 = math.isqrt(T - 1) + 1 if T > 1 else 1
         L1 = -(-T // L0)
         l0 = torch.arange(L0, device=dta.device, dtype=torch.float64)
         l1 = torch.arange(L1, device=dta.device, dtype=torch.float64) * L0
-        v0 = cb.unsqueeze(-1) * torch.exp(dta.unsqueeze(-1) * l0)  # (n_dir, D, Nh, L0)
-        v1 = torch.exp(dta.unsqueeze(-1) * l1)  # (n_dir, D, Nh, L1)
+        return dta, cb, torch.exp(dta.unsqueeze(-1) * l0), torch.exp(dta.unsqueeze(-1) * l1)
+
+    def kernel(self, T: int, powers: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """K[dir, d, l] for l < T, float32 (n_dir, D, T), via the split Vandermonde matmul."""
+        _, cb, p0, p1 = self._split_powers(T) if powers is None else powers
+        L0, L1 = p0.shape[-1], p1.shape[-1]
+        v0 = cb.unsqueeze(-1) * p0  # (n_dir, D, Nh, L0)
+        v1 = p1  # (n_dir, D, Nh, L1)
         k = v0.to(torch.complex64).transpose(-2, -1) @ v1.to(torch.complex64)  # (n_dir, D, L0, L1)
         k = k.transpose(-2, -1).reshape(self.n_dir, self.d_model, L0 * L1)[..., :T]
         return 2 * k.real
 
-    def _circular_kernel(self, T: int) -> torch.Tensor:
+    def _circular_kernel(self, T: int, powers: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         """(D, 2T) real kernel: causal lags at 0..T-1, anti-causal ones at the end (negative lags)."""
-        k = self.kernel(T)
+        k = self.kernel(T, powers)
         kf = F.pad(k[0], (0, T))  # (D, 2T)
         if self.n_dir == 2:
             kb = k[1]
@@ -101,9 +113,18 @@ class S4DMixer(SequenceMixer):
         return kf
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self._forward(x_BTD)
+
+    def _forward(self, x_BTD: torch.Tensor, state=None) -> torch.Tensor:
+        """The forward; with a state (prefill, causal), the recurrent state after the prompt
+        also goes into it."""
         T = x_BTD.shape[1]
         u_BDT = self.in_proj(x_BTD).transpose(1, 2)
-        k_DS = self._circular_kernel(T).to(u_BDT.dtype)  # S = 2T
+        powers = None
+        if state is not None:
+            powers = self._split_powers(T)
+            state.tensors["s"].copy_(self._state_after(u_BDT, state.tensors["s"].dtype, powers))
+        k_DS = self._circular_kernel(T, powers).to(u_BDT.dtype)  # S = 2T
         # FFTs in fp32 at least: half-precision FFT is limited to power-of-two sizes on CUDA
         work = torch.promote_types(u_BDT.dtype, torch.float32)
         uf_BDF = torch.fft.rfft(u_BDT.to(work), n=2 * T)
@@ -112,6 +133,51 @@ class S4DMixer(SequenceMixer):
         y_BDT = F.gelu(y_BDT + self.d_skip.unsqueeze(-1) * u_BDT)
         self.backend = "fft-conv"
         return self.out(y_BDT.transpose(1, 2))
+
+    # --- decoding: the diagonal recurrence ---------------------------------------
+    # state s (B, D, N/2) complex with C Bbar absorbed, as in forward_recurrent:
+    #   s_t = Abar s_{t-1} + C Bbar u_t,   y_t = 2 Re(sum_n s_t,n)
+    # complex64 (complex128 for a float64 module): it sums over the whole context.
+    @staticmethod
+    def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+        return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+    def _new_state(self, batch, max_len, device, dtype):
+        cdt = self._state_dtype(dtype)
+        dta, cb = self._discrete()
+        consts = {"abar": torch.exp(dta[0]).to(device=device, dtype=cdt), "cb": cb[0].to(device=device, dtype=cdt)}
+        return {"s": torch.zeros(batch, self.d_model, self.state_size // 2, device=device, dtype=cdt)}, consts
+
+    def state_bytes(self, batch: int, max_len: int, dtype_bytes: int = 4) -> int:
+        return batch * self.d_model * (self.state_size // 2) * 2 * max(dtype_bytes, 4)  # complex: 2 reals
+
+    def _state_after(self, u_BDT: torch.Tensor, cdt: torch.dtype, powers: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """s_{T-1} = C Bbar sum_t Abar^(T-1-t) u_t, (B, D, N/2), in O(B D T N) without a
+        (D, N/2, T) power table: with lag l = T-1-t = l0 + L0 l1 (L0 ~ sqrt T), Abar^l =
+        Abar^l0 Abar^(L0 l1), so the sum is a batched matmul over l0, then a weighted sum over
+        l1 (the kernel's split Vandermonde product, applied to the input instead)."""
+        B, D, T = u_BDT.shape
+        _, cb, p0, p1 = (t[0] for t in powers)  # causal: direction 0 only
+        Nh, L0, L1 = p0.shape[-2], p0.shape[-1], p1.shape[-1]
+        u_lag = F.pad(u_BDT.flip(-1), (0, L0 * L1 - T))  # lag l at index l; lags >= T are 0
+        u_DXL = u_lag.reshape(B, D, L1, L0).permute(1, 0, 2, 3).reshape(D, B * L1, L0).to(cdt)
+        inner_DBLN = (u_DXL @ p0.transpose(-2, -1).to(cdt)).view(D, B, L1, Nh)  # sum over l0
+        s_DBN = (inner_DBLN * p1.transpose(-2, -1).to(cdt).unsqueeze(1)).sum(2) * cb.to(cdt).unsqueeze(1)
+        return s_DBN.transpose(0, 1)
+
+    def _prefill(self, x_BTD: torch.Tensor, state) -> torch.Tensor:
+        y_BTD = self._forward(x_BTD, state)
+        state.pos = x_BTD.shape[1]
+        return y_BTD
+
+    def _step(self, x_B1D: torch.Tensor, state) -> torch.Tensor:
+        s = state.tensors["s"]
+        u_BD = self.in_proj(x_B1D)[:, 0]
+        s.mul_(state.consts["abar"]).add_(state.consts["cb"] * u_BD.unsqueeze(-1).to(s.dtype))
+        y_BD = (2 * s.sum(-1).real).to(u_BD.dtype)
+        y_BD = F.gelu(y_BD + self.d_skip * u_BD)
+        self.backend = "recurrent-step"
+        return self.out(y_BD).unsqueeze(1)
 
     @torch.no_grad()
     def forward_recurrent(self, x_BTD: torch.Tensor) -> torch.Tensor:

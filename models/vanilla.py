@@ -3,6 +3,10 @@
 The textbook form (Vaswani et al. 2017, eq. 1). It is the reference the other variants are
 tested and scored against, and the O(T^2)-memory baseline of every benchmark.
 
+Decoding keeps a preallocated KV cache, k and v of shape (B, H, max_len, K) each: a step
+writes its key and value at its position and attends over the n cached ones, O(n D) time and
+memory per token; `state_bytes` = 2 B max_len D dtype_bytes.
+
     attn = VanillaAttention(d_model=256, n_heads=4)
     y_BTD = attn(x_BTD)
 """
@@ -13,7 +17,7 @@ import math
 import torch
 from torch import nn
 
-from models.base import SequenceMixer, causal_mask, exact_attention_flops
+from models.base import DecodeState, SequenceMixer, causal_mask, exact_attention_flops
 
 
 class VanillaAttention(SequenceMixer):
@@ -39,7 +43,13 @@ class VanillaAttention(SequenceMixer):
         return self.out(y_BHTK.transpose(1, 2).reshape(B, T, H * K))  # (B, T, D)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self._forward(x_BTD)
+
+    def _forward(self, x_BTD: torch.Tensor, state: DecodeState | None = None) -> torch.Tensor:
+        """The forward; with a state (prefill), its keys and values also go into the state."""
         q_BHTK, k_BHTK, v_BHTK = self.split_heads(x_BTD)
+        if state is not None:
+            self._cache_prompt(state, k_BHTK, v_BHTK)
         T = x_BTD.shape[1]
         s_BHTT = (q_BHTK @ k_BHTK.transpose(-2, -1)) / math.sqrt(self.head_dim)
         if self.causal:
@@ -47,6 +57,41 @@ class VanillaAttention(SequenceMixer):
         p_BHTT = s_BHTT.softmax(dim=-1)
         self.backend = "torch-matmul"
         return self.merge_heads(p_BHTT @ v_BHTK)
+
+    # --- decoding: a preallocated KV cache -------------------------------------
+    def _new_state(self, batch, max_len, device, dtype):
+        shape = (batch, self.n_heads, max_len, self.head_dim)
+        return {"k": torch.zeros(shape, device=device, dtype=dtype),
+                "v": torch.zeros(shape, device=device, dtype=dtype)}, {}
+
+    def state_bytes(self, batch: int, max_len: int, dtype_bytes: int = 4) -> int:
+        return 2 * batch * max_len * self.d_model * dtype_bytes
+
+    def _cache_prompt(self, state: DecodeState, k_BHTK: torch.Tensor, v_BHTK: torch.Tensor) -> None:
+        T = k_BHTK.shape[2]
+        state.tensors["k"][:, :, :T].copy_(k_BHTK)
+        state.tensors["v"][:, :, :T].copy_(v_BHTK)
+
+    def _prefill(self, x_BTD: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        y_BTD = self._forward(x_BTD, state)
+        state.pos = x_BTD.shape[1]
+        return y_BTD
+
+    def _step_qkv(self, x_B1D: torch.Tensor, state: DecodeState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Project one token, append its key and value to the cache: q (B, H, 1, K) and the
+        cached keys and values of positions 0 .. pos, (B, H, pos+1, K) views."""
+        q_BH1K, k_BH1K, v_BH1K = self.split_heads(x_B1D)
+        i = state.pos
+        kc, vc = state.tensors["k"], state.tensors["v"]
+        kc[:, :, i:i + 1].copy_(k_BH1K)
+        vc[:, :, i:i + 1].copy_(v_BH1K)
+        return q_BH1K, kc[:, :, :i + 1], vc[:, :, :i + 1]
+
+    def _step(self, x_B1D: torch.Tensor, state: DecodeState) -> torch.Tensor:
+        q_BH1K, k_BHnK, v_BHnK = self._step_qkv(x_B1D, state)
+        s_BH1n = (q_BH1K @ k_BHnK.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        self.backend = "torch-matmul"
+        return self.merge_heads(s_BH1n.softmax(dim=-1) @ v_BHnK)
 
     def mixing_flops(self, batch: int, seq_len: int) -> float:
         # counts the useful work; this kernel computes the masked half too (the report says so)

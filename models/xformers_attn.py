@@ -21,6 +21,9 @@ operators that call PyTorch's own kernels still run then (see `xformers_build_no
 SDPA backends are tried singly in a fixed order (CPU: flash; CUDA: flash, efficient, cuDNN);
 if none accepts the inputs, the math backend runs and the names of the refusals are recorded.
 
+Decoding uses vanilla's preallocated KV cache; each step's one query runs through the same
+choice of kernel (xFormers on CUDA where its dispatcher accepts one query, SDPA otherwise).
+
     attn = XformersAttention(d_model=256, n_heads=4, causal=True)
     y_BTD = attn(x_BTD); print(attn.backend)   # e.g. "sdpa-flash" on CPU, "xformers" on a GPU
 """
@@ -185,11 +188,15 @@ class XformersAttention(VanillaAttention):
         return reason
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return self._forward(x_BTD)
+
+    def _forward(self, x_BTD: torch.Tensor, state=None) -> torch.Tensor:
+        """The forward; with a state (prefill), its keys and values also go into the KV cache."""
         B, T, _ = x_BTD.shape
         if self.backend_choice != "sdpa":
             reason = self._xformers_unavailable(x_BTD)
             if reason is None:
-                y_BTHK, reason = self._xformers(x_BTD)
+                y_BTHK, reason = self._xformers(x_BTD, state)
                 if y_BTHK is not None:
                     self.backend, self.fallback_reason = "xformers", None
                     return self.out(y_BTHK.reshape(B, T, self.d_model))
@@ -199,16 +206,21 @@ class XformersAttention(VanillaAttention):
             reason = "backend='sdpa' requested"
         self.backend_detail = None
         q_BHTK, k_BHTK, v_BHTK = self.split_heads(x_BTD)
+        if state is not None:
+            self._cache_prompt(state, k_BHTK, v_BHTK)
         y_BHTK, self.backend, refused = sdpa_recorded(q_BHTK, k_BHTK, v_BHTK, is_causal=self.causal)
         self.fallback_reason = reason if refused is None else f"{reason}; {refused}"
         return self.merge_heads(y_BHTK)
 
-    def _xformers(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
-        """xFormers on the [B, M, H, K] layout, or (None, reason) when its dispatcher has no operator."""
+    def _xformers(self, x_BTD: torch.Tensor, state=None) -> tuple[torch.Tensor | None, str | None]:
+        """xFormers on the [B, M, H, K] layout, or (None, reason) when its dispatcher has no operator.
+        With a state (prefill), the keys and values also go into its KV cache."""
         xops, _ = load_xformers_ops()
         B, T, _ = x_BTD.shape
         qkv_BT3HK = self.qkv(x_BTD).view(B, T, 3, self.n_heads, self.head_dim)
         q_BTHK, k_BTHK, v_BTHK = qkv_BT3HK.unbind(2)  # last-dim stride 1 is all xFormers needs
+        if state is not None:
+            self._cache_prompt(state, k_BTHK.transpose(1, 2), v_BTHK.transpose(1, 2))
         bias = xops.LowerTriangularMask() if self.causal else None
         try:
             needs_grad = torch.is_grad_enabled() and q_BTHK.requires_grad
@@ -220,6 +232,44 @@ class XformersAttention(VanillaAttention):
             return None, f"xformers has no operator for these inputs: {_one_line(str(err))}"
         self.backend_detail = "; ".join(x for x in (f"op {self._op_names[sig]}", xformers_build_note()) if x)
         return y_BTHK, None
+
+    # --- decoding: vanilla's KV cache, one query through the fused kernels ------
+    def _step(self, x_B1D: torch.Tensor, state) -> torch.Tensor:
+        """One query against the n cached keys: xFormers where it runs and accepts the shapes
+        (CUDA), otherwise SDPA's fused kernels; `backend` / `fallback_reason` as in forward. The
+        query is the newest position, so no mask: it may see every cached key."""
+        q_BH1K, k_BHnK, v_BHnK = self._step_qkv(x_B1D, state)
+        if self.backend_choice != "sdpa":
+            reason = self._xformers_unavailable(x_B1D)
+            if reason is None:
+                y_B1HK, reason = self._xformers_step(q_BH1K, k_BHnK, v_BHnK)
+                if y_B1HK is not None:
+                    self.backend, self.fallback_reason = "xformers", None
+                    return self.out(y_B1HK.reshape(x_B1D.shape[0], 1, self.d_model))
+            if self.backend_choice == "xformers":
+                raise RuntimeError(f"backend='xformers' cannot run here: {reason}")
+        else:
+            reason = "backend='sdpa' requested"
+        self.backend_detail = None
+        y_BH1K, self.backend, refused = sdpa_recorded(q_BH1K, k_BHnK, v_BHnK, is_causal=False)
+        self.fallback_reason = reason if refused is None else f"{reason}; {refused}"
+        return self.merge_heads(y_BH1K)
+
+    def _xformers_step(self, q_BH1K, k_BHnK, v_BHnK) -> tuple[torch.Tensor | None, str | None]:
+        """xFormers on [B, M, H, K] views of the cache (no copy), or (None, reason)."""
+        xops, _ = load_xformers_ops()
+        q = q_BH1K.transpose(1, 2).contiguous()  # one row; the cache stays a view
+        k, v = k_BHnK.transpose(1, 2), v_BHnK.transpose(1, 2)
+        try:
+            # the operator is looked up once per query shape, not per cache length (every step's)
+            sig = ("step", q.device, q.dtype, tuple(q.shape))
+            if sig not in self._op_names:
+                self._op_names[sig] = _forward_op_name(xops, q, k, v, None, False)
+            y_B1HK = xops.memory_efficient_attention(q, k, v)
+        except NotImplementedError as err:
+            return None, f"xformers has no operator for these inputs: {_one_line(str(err))}"
+        self.backend_detail = "; ".join(x for x in (f"op {self._op_names[sig]}", xformers_build_note()) if x)
+        return y_B1HK, None
 
     def mixing_flops(self, batch: int, seq_len: int) -> float:
         # useful work only; the fused kernels skip (most of) the masked half in causal mode
