@@ -51,7 +51,7 @@ complexity: install ## every variant's kernel at n = 1024 ... 16384 (scaling exp
 	$(BIN)/python -m pipeline.run -m grid=complexity $(ARGS)
 
 repeatability: install ## the same kernel cells twice in a row: how far apart the medians land
-	$(BIN)/python scripts/repeatability.py $(ARGS)
+	$(BIN)/python -m pipeline.repeatability $(ARGS)
 
 report: install ## report of experiment EXP (latest run per cell) into reports/
 	$(BIN)/python -m pipeline.report --experiment $(EXP) $(ARGS)

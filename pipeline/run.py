@@ -22,7 +22,8 @@ def _fail(msg: str) -> None:
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> str:
     # torch-free imports: run_cell validates before anything heavy; cuda_missing imports torch
-    from pipeline.cell import cuda_missing, run_cell, wants_cuda
+    from pipeline.cell import run_cell
+    from pipeline.devices import cuda_missing, wants_cuda
     from pipeline.sweep import sweep_info_for_job
     from pipeline.tracking import TrackingError
 

@@ -29,6 +29,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
+from pipeline import record as R
+
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "attnbench_sweep.json"
@@ -63,8 +65,8 @@ class GridSweeper(BasicSweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         from pipeline import tracking
-        from pipeline.cell import cuda_missing, wants_cuda
         from pipeline.config import ConfigError, to_dict
+        from pipeline.devices import cuda_missing, wants_cuda
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -110,9 +112,9 @@ class GridSweeper(BasicSweeper):
         grid_name = (self.config.hydra.runtime.choices or {}).get("grid") or "custom"
         sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         parent = tr.create_run(f"sweep-{grid_name}-{sweep_id}", {
-            "sweep_id": sweep_id, "attnbench.role": "sweep", "grid": grid_name,
-            "status": "running", **tracking.host_tags()})
-        tr.log(parent, params={"grid": grid_name, "n_cells": len(jobs), "arguments": " ".join(arguments)})
+            R.SWEEP_ID: sweep_id, R.ROLE: R.ROLE_SWEEP, R.GRID: grid_name,
+            R.STATUS: R.RUNNING, **tracking.host_tags()})
+        tr.log(parent, params={R.GRID: grid_name, R.N_CELLS: len(jobs), R.ARGUMENTS: " ".join(arguments)})
         tr.log_json(parent, {"grids": grids, "arguments": list(arguments), "cells": jobs}, "grid.json")
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({"sweep_id": sweep_id, "parent_run_id": parent}))
         print(f"[attnbench] sweep {sweep_id}: {len(jobs)} cells -> experiment '{tr.experiment}' at {tr.uri}", flush=True)
@@ -127,22 +129,22 @@ class GridSweeper(BasicSweeper):
                     _ = r.return_value  # re-raises a job's config/tracking error
                 returns.append(results)
         except BaseException as e:
-            tr.log(parent, tags={"status": "error", "failure_reason": f"{type(e).__name__}: {e}"[:500]})
+            tr.log(parent, tags={R.STATUS: "error", R.FAILURE_REASON: f"{type(e).__name__}: {e}"[:500]})
             tr.end_run(parent, "error")
             raise
         self._finish(tr, parent, sweep_id, len(jobs))
         return returns
 
     def _finish(self, tr, parent: str, sweep_id: str, n_cells: int) -> None:
-        runs = tr.search(f"tags.sweep_id = '{sweep_id}'")
+        runs = tr.search(f"tags.{R.SWEEP_ID} = '{sweep_id}'")
         counts: dict[str, int] = {}
         for r in runs:
             if r.info.run_id != parent:
-                s = r.data.tags.get("status", "unknown")
+                s = r.data.tags.get(R.STATUS, "unknown")
                 counts[s] = counts.get(s, 0) + 1
-        reused = sum(1 for k in tr.client.get_run(parent).data.tags if k.startswith("reused/"))
+        reused = sum(1 for k in tr.client.get_run(parent).data.tags if k.startswith(R.REUSED_PREFIX))
         summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
-        tr.log(parent, tags={"status": "ok", "cells": summary, "reused": str(reused)})
+        tr.log(parent, tags={R.STATUS: "ok", R.CELLS: summary, R.REUSED: str(reused)})
         print(f"[attnbench] sweep {sweep_id} done: {summary}; {reused} reused from earlier runs", flush=True)
         if self.report:
             self._report(tr, parent, sweep_id)
@@ -156,13 +158,13 @@ class GridSweeper(BasicSweeper):
             out = build_report(experiment=tr.experiment, sweep_id=sweep_id, out_dir=None,
                                budget_gb=None, tracking_uri=tr.uri)
         except Exception as e:  # noqa: BLE001 - the cells are recorded; a report failure is reported, not fatal
-            tr.set_tag(parent, "report_error", f"{type(e).__name__}: {e}"[:500])
+            tr.set_tag(parent, R.REPORT_ERROR, f"{type(e).__name__}: {e}"[:500])
             print(f"[attnbench] report failed: {type(e).__name__}: {e}")
             return
         for f in sorted(Path(out).iterdir()):
             if f.is_file():
                 tr.log_file(parent, f, "report")
-        tr.set_tag(parent, "report_dir", str(out))
+        tr.set_tag(parent, R.REPORT_DIR, str(out))
         print(f"[attnbench] report: {Path(out) / 'report.html'}  (markdown: {Path(out) / 'report.md'})", flush=True)
 
 

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from pipeline import record as R
+
 IGNORE = -100  # F.cross_entropy's default ignore_index
 
 
@@ -106,7 +108,7 @@ class Task:
     def val_metrics(self, nll_sum: float, n_scored: int, n_correct: int) -> dict[str, float]:
         """Turn the summed validation counts into the task's `val/*` metrics."""
         loss = nll_sum / max(n_scored, 1)
-        return {"val/loss": loss, "val/acc": n_correct / max(n_scored, 1)}
+        return {R.VAL_LOSS: loss, R.VAL_ACC: n_correct / max(n_scored, 1)}
 
     def baselines(self, seq_len: int) -> dict[str, float]:
         """Reference figures a trained model's `val/*` metrics are judged against."""
@@ -212,7 +214,7 @@ class MQAR(Task):
 
     def baselines(self, seq_len: int) -> dict[str, float]:
         # guessing a value uniformly; a model that ignores the query does no better
-        return {"val/acc_chance": 1.0 / self.num_values}
+        return {R.VAL_ACC_CHANCE: 1.0 / self.num_values}
 
 
 # ----------------------------------------------------------------------------- code_lm
@@ -315,7 +317,7 @@ class CodeLM(Task):
 
     def baselines(self, seq_len: int) -> dict[str, float]:
         # the unigram entropy of exactly the bytes val/bpc is averaged over
-        return {"val/bpc_unigram": unigram_entropy_bits(self.val_targets(seq_len))}
+        return {R.VAL_BPC_UNIGRAM: unigram_entropy_bits(self.val_targets(seq_len))}
 
     def _val(self, seq_len: int):
         data = self.corpus()["val"]
@@ -337,7 +339,7 @@ class CodeLM(Task):
 
     def val_metrics(self, nll_sum: float, n_scored: int, n_correct: int) -> dict[str, float]:
         out = super().val_metrics(nll_sum, n_scored, n_correct)
-        out["val/bpc"] = out["val/loss"] / math.log(2)
+        out[R.VAL_BPC] = out[R.VAL_LOSS] / math.log(2)
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -434,10 +436,10 @@ class Fidelity(Task):
             y_uni = reference.merge_heads(uniform_average(v_BHTK, reference.causal))
             ref_norm = y_ref.norm()
             return {
-                "quality/rel_err_vs_exact": float((y - y_ref).norm() / ref_norm),
-                "quality/rel_err_uniform_mean": float((y_uni - y_ref).norm() / ref_norm),
-                "quality/attn_eff_keys": effective_keys(q_BHTK, k_BHTK, reference.causal),
-                "quality/score_std": float(
+                R.QUALITY_REL_ERR_VS_EXACT: float((y - y_ref).norm() / ref_norm),
+                R.QUALITY_REL_ERR_UNIFORM_MEAN: float((y_uni - y_ref).norm() / ref_norm),
+                R.QUALITY_ATTN_EFF_KEYS: effective_keys(q_BHTK, k_BHTK, reference.causal),
+                R.QUALITY_SCORE_STD: float(
                     (q_BHTK[..., : self.calib_tokens, :] @ k_BHTK[..., : self.calib_tokens, :].transpose(-2, -1)).std()
                     / math.sqrt(reference.head_dim)
                 ),

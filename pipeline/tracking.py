@@ -4,8 +4,9 @@ ids, so no global "active run" state leaks between cells.
 
     uri = tracking_uri(None)                       # MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db
     tr = Tracker(uri, "attnbench")
-    run_id = tr.start_cell("vanilla-n1024-kernel", params, tags, parent_run_id=None)
-    tr.finish_cell(run_id, result)
+    run_id = tr.create_run("vanilla-n1024-kernel", tags, parent_run_id=None)
+    tr.log(run_id, params=..., tags=..., metrics=..., series=...)
+    tr.end_run(run_id, "ok")
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline import record as R
 from pipeline.registry import REPO_ROOT
 
 T = TypeVar("T")
@@ -28,10 +30,6 @@ T = TypeVar("T")
 # the client would print "View run ... at http://..." for every run it ends on a server
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
-STATUSES = ("ok", "oom", "timeout", "error", "diverged", "skipped")
-# MLflow run status for each cell status: only `ok` is FINISHED, so resume never reuses a failure
-RUN_STATUS = {"ok": "FINISHED", "skipped": "FINISHED", "oom": "FAILED", "timeout": "FAILED",
-              "error": "FAILED", "diverged": "FAILED"}
 
 
 class TrackingError(RuntimeError):
@@ -134,16 +132,14 @@ def package_version(name: str) -> str:
 
 def host_tags() -> dict[str, str]:
     """Provenance the parent process knows without importing torch."""
-    return {"git_sha": git_sha(), "host": socket.gethostname(),
-            "xformers_version": package_version("xformers"), "pid": str(os.getpid())}
+    return {R.GIT_SHA: git_sha(), R.HOST: socket.gethostname(),
+            R.XFORMERS_VERSION: package_version("xformers"), R.PID: str(os.getpid())}
 
 
 def run_name(cfg: Mapping[str, Any]) -> str:
     """`{model}-n{seq_len}-{scenario}` plus `-ckpt` when checkpointing (DESIGN §6)."""
-    name = f"{cfg['model']['name']}-n{cfg['seq_len']}-{cfg['scenario']['name']}"
-    if (cfg.get("trainer") or {}).get("grad_checkpointing"):
-        name += "-ckpt"
-    return name
+    return R.run_name(cfg["model"]["name"], cfg["seq_len"], cfg["scenario"]["name"],
+                      bool((cfg.get("trainer") or {}).get("grad_checkpointing")))
 
 
 class Tracker:
@@ -206,7 +202,7 @@ class Tracker:
         _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
     def end_run(self, run_id: str, status: str) -> None:
-        _retry(lambda: self.client.set_terminated(run_id, RUN_STATUS.get(status, status)))
+        _retry(lambda: self.client.set_terminated(run_id, R.RUN_STATUS.get(status, status)))
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         _retry(lambda: self.client.set_tag(run_id, key, value))
@@ -221,16 +217,16 @@ class Tracker:
 
     def find_reusable(self, cfg_hash: str):
         """The latest FINISHED run with this config_hash and status ok, or None."""
-        runs = self.search(f"tags.config_hash = '{cfg_hash}' and tags.status = 'ok' "
+        runs = self.search(f"tags.{R.CONFIG_HASH} = '{cfg_hash}' and tags.{R.STATUS} = 'ok' "
                            f"and attributes.status = 'FINISHED'", max_results=1)
         return runs[0] if runs else None
 
     def find_family_oom(self, sweep_id: str, fam_hash: str, seq_len: int):
         """A run of the same cell line in this sweep that ran out of memory at a shorter length."""
-        runs = self.search(f"tags.sweep_id = '{sweep_id}' and tags.family_hash = '{fam_hash}' "
-                           f"and tags.status = 'oom'")
-        shorter = [r for r in runs if int(r.data.params.get("seq_len", 0)) < seq_len]
-        return min(shorter, key=lambda r: int(r.data.params["seq_len"])) if shorter else None
+        runs = self.search(f"tags.{R.SWEEP_ID} = '{sweep_id}' and tags.{R.FAMILY_HASH} = '{fam_hash}' "
+                           f"and tags.{R.STATUS} = 'oom'")
+        shorter = [r for r in runs if int(r.data.params.get(R.SEQ_LEN, 0)) < seq_len]
+        return min(shorter, key=lambda r: int(r.data.params[R.SEQ_LEN])) if shorter else None
 
     def mark_orphans(self) -> list[str]:
         """Runs left RUNNING by a process of this host that no longer exists (killed sweep):
@@ -241,12 +237,12 @@ class Tracker:
         marked = []
         for r in self.search("attributes.status = 'RUNNING'"):
             tags = r.data.tags
-            if tags.get("host") != host or "pid" not in tags:
+            if tags.get(R.HOST) != host or R.PID not in tags:
                 continue
-            if psutil.pid_exists(int(tags["pid"])):
+            if psutil.pid_exists(int(tags[R.PID])):
                 continue
-            self.log(r.info.run_id, tags={"status": "error",
-                                          "failure_reason": f"orphaned: process {tags['pid']} exited before recording a result"})
+            self.log(r.info.run_id, tags={R.STATUS: "error",
+                                          R.FAILURE_REASON: f"orphaned: process {tags[R.PID]} exited before recording a result"})
             self.end_run(r.info.run_id, "error")
             marked.append(r.info.run_id)
         return marked

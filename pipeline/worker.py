@@ -1,6 +1,6 @@
 """Child-process entry of an isolated cell: read the cell's config, execute it, write the result.
 
-    python -m pipeline.worker cell.json result.json     (started by pipeline.cell, not by hand)
+    python -m pipeline.worker cell.json result.json     (started by pipeline.isolation, not by hand)
 """
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.cell import execute
+from pipeline.execute import execute
 
 
 def main(argv: list[str]) -> int:

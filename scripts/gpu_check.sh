@@ -11,10 +11,10 @@
 # so a hang cannot eat the machine's lease and a single call returns everything:
 #   install   the carried wheels (.whl/, made by scripts/gpu_wheels.sh) into $GPU_CHECK_SITE
 #   gpu       nvidia-smi
-#   probe     torch / CUDA / xformers versions and one bf16 xformers call (scripts/gpu_summary.py)
+#   probe     torch / CUDA / xformers versions and one bf16 xformers call (python -m pipeline.report.gpu_summary probe)
 #   xformers  the head of `python -m xformers.info`
 #   plan      the grid's cells, composed and validated
-#   pytest    tests/test_gpu.py -m gpu
+#   pytest    tests/gpu/test_gpu.py -m gpu
 #   sweep     python -m pipeline.run -m grid=gpu_check into a fresh SQLite store, with its report
 #   report    only if the sweep did not write one (e.g. it was cut short)
 #   summary   one screen read from the store, with PASS/FAIL checks
@@ -146,7 +146,7 @@ summary() {
     local id args=()
     id=$(sweep_id)
     [[ -n "$id" ]] && args=(--sweep "$id")
-    "$PYTHON" scripts/gpu_summary.py summary --experiment "$EXPERIMENT" --uri "$URI" "${args[@]}" >"$WORK/summary.txt"
+    "$PYTHON" -m pipeline.report.gpu_summary summary --experiment "$EXPERIMENT" --uri "$URI" "${args[@]}" >"$WORK/summary.txt"
     local rc=$?
     cat "$WORK/summary.txt"
     return $rc
@@ -187,10 +187,10 @@ main() {
     fi
     step install 90 bash -c install_wheels
     step gpu 20 nvidia-smi
-    step probe 60 "$PYTHON" scripts/gpu_summary.py probe --site "$SITE"
+    step probe 60 "$PYTHON" -m pipeline.report.gpu_summary probe --site "$SITE"
     step xformers 40 bash -c "\"$PYTHON\" -m xformers.info 2>&1 | head -n 45"
-    step plan 45 "$PYTHON" scripts/gpu_summary.py plan --grid "$GRID" "tracking.experiment=$EXPERIMENT"
-    step pytest ${GPU_CHECK_PYTEST_S:-150} "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py
+    step plan 45 "$PYTHON" -m pipeline.report.gpu_summary plan --grid "$GRID" "tracking.experiment=$EXPERIMENT"
+    step pytest ${GPU_CHECK_PYTEST_S:-150} "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/gpu/test_gpu.py
     step sweep 330 --int "$PYTHON" -m pipeline.run "${SWEEP_ARGS[@]}"
     if ((DRY)) || [[ -z "$(report_dir)" ]]; then
         step report 40 bash -c report_fallback
@@ -201,7 +201,7 @@ main() {
     if ((DRY)); then
         echo
         echo "checking the plan now (no GPU needed):"
-        "$PYTHON" scripts/gpu_summary.py plan --grid "$GRID" "tracking.experiment=$EXPERIMENT"
+        "$PYTHON" -m pipeline.report.gpu_summary plan --grid "$GRID" "tracking.experiment=$EXPERIMENT"
         return $?
     fi
     echo

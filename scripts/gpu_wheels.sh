@@ -172,7 +172,7 @@ if problems:
     print("[gpu-wheels] the set is not usable:", *problems, sep="\n  ", file=sys.stderr)
     sys.exit(1)
 print("[gpu-wheels] every requirement is in the set or in the GPU image; versions the image must match "
-      "(checked on the device by `gpu_summary.py probe`), beside the if-older floors "
+      "(checked on the device by `python -m pipeline.report.gpu_summary probe`), beside the if-older floors "
       + ", ".join(f"{k}>={v}" for k, v in floor.items()) + ":")
 for dep, needs in sorted(on_image.items()):
     print(f"  {dep}: " + ", ".join(sorted(set(needs))))
@@ -209,7 +209,7 @@ import omegaconf
 from hydra import compose, initialize_config_dir
 
 from pipeline.config import to_dict, validate
-from pipeline.report import load_runs
+from pipeline.report.load import load_runs
 from pipeline.tracking import Tracker
 
 site = str(Path(sys.argv[1]) / "site")
@@ -231,7 +231,7 @@ carried = sorted({name.split(".")[0] for name, mod in list(sys.modules.items())
                   if (getattr(mod, "__file__", None) or "").startswith(site)})
 print(f"[gpu-wheels] verified on Python {sys.version.split()[0]}: hydra {hydra.__version__}, "
       f"omegaconf {omegaconf.__version__}, mlflow {mlflow.__version__}: a SQLite store round trip "
-      "through pipeline.tracking and pipeline.report.load_runs works, conf/ composes")
+      "through pipeline.tracking and pipeline.report.load.load_runs works, conf/ composes")
 print("[gpu-wheels] carried packages that path imported: " + " ".join(carried))
 EOF
 fi

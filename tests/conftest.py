@@ -1,8 +1,8 @@
-"""Shared fixtures: a temporary MLflow store per test module, and Hydra composition of the real
-config tree (shrunk for CPU, pointed at tmp paths)."""
+"""Shared fixtures, in one place: a temporary MLflow store per test module, the GEMM-peak cache
+away from the user's home, one intra-op thread. Helpers that compose the real config tree or
+run the CLI are plain functions in tests/support.py."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -41,21 +41,3 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def compose(overrides: list[str]):
-    """The real config tree, composed as `python -m pipeline.run <overrides>` would."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hcompose(config_name="config", overrides=overrides)
-
-
-def run_cli(args: list[str], env: dict | None = None, cwd: Path | None = None, timeout: int = 300):
-    import subprocess
-
-    e = dict(os.environ)
-    e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=cwd or REPO, env=e,
-                          capture_output=True, text=True, timeout=timeout)

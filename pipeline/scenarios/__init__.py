@@ -3,7 +3,7 @@ package itself imports nothing heavy, so config checks stay torch-free."""
 
 
 def load_all() -> dict:
-    from pipeline.scenarios import kernel, quality  # noqa: F401
+    from pipeline.scenarios import decode, kernel, quality  # noqa: F401
     from pipeline.scenarios.base import SCENARIOS
 
     return SCENARIOS

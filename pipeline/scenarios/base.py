@@ -1,17 +1,20 @@
-"""What a scenario is: a function run inside the cell's (child) process that fills a CellResult.
+"""What a scenario is: a function run inside the cell's (child) process that fills a CellResult
+from its own config section, the workload and the pre-flight plan.
 
 A scenario never talks to MLflow: it returns numbers, and the parent process records them
 (pipeline/tracking.py is the one writer). Exceptions are classified by the cell runner:
 out-of-memory -> `oom`, `Diverged` -> `diverged`, anything else -> `error`.
 
     @register("kernel")
-    def run_kernel(cfg, device, result): ...
+    def run_kernel(sc: KernelScenario, w: Workload, plan: Plan, device, result: CellResult): ...
 """
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from pipeline import record as R
 
 SCENARIOS: dict[str, Callable] = {}
 
@@ -22,6 +25,35 @@ def register(name: str):
         return fn
 
     return wrap
+
+
+class SkipCell(Exception):
+    """Pre-flight said no: the cell is recorded as `skipped` with this reason."""
+
+
+@dataclass
+class Plan:
+    """Pre-flight's decision for one cell, made before any compute and handed to the scenario."""
+
+    budget_bytes: float  # the memory budget judged against (budget.memory_gb, else 80% available)
+    device_memory_bytes: float  # the device's total memory
+    predicted_bytes: float  # predicted peak of the cell (a kernel cell: one forward)
+    predicted_fwdbwd_bytes: float | None = None  # a kernel cell's forward+backward, else None
+    tags: dict[str, str] = field(default_factory=dict)  # the variant's capability flags
+    skip_reason: str | None = None  # over budget: the cell is recorded skipped with this
+
+    @property
+    def fwdbwd_fits(self) -> bool:
+        return self.predicted_fwdbwd_bytes is None or self.predicted_fwdbwd_bytes <= self.budget_bytes
+
+    def params(self) -> dict[str, float]:
+        """What the record keeps of the plan (MiB and GiB, rounded as logged)."""
+        out = {R.BUDGET_MEM_MB: round(self.budget_bytes / 2**20, 3),
+               R.DEVICE_MEMORY_GB: round(self.device_memory_bytes / 2**30, 3)}
+        if self.predicted_fwdbwd_bytes is not None:
+            out[R.PREDICTED_MEM_FWDBWD_MB] = round(self.predicted_fwdbwd_bytes / 2**20, 3)
+        out[R.PREDICTED_MEM_MB] = round(self.predicted_bytes / 2**20, 3)
+        return out
 
 
 class Diverged(RuntimeError):
@@ -65,8 +97,8 @@ class CellResult:
         """Tags `backend` (the kernel that ran), `backend_note` (why a preferred kernel did
         not run) and `backend_detail` (which operator ran, how its library loaded) from the
         mixers' attributes of those names."""
-        self.tags["backend"] = str(backend)
-        for attr, tag in (("fallback_reason", "backend_note"), ("backend_detail", "backend_detail")):
+        self.tags[R.BACKEND] = str(backend)
+        for attr, tag in (("fallback_reason", R.BACKEND_NOTE), ("backend_detail", R.BACKEND_DETAIL)):
             texts = {str(getattr(m, attr)) for m in mixers if getattr(m, attr, None)}
             if texts:
                 self.tags[tag] = "; ".join(sorted(texts))

@@ -8,20 +8,27 @@ from __future__ import annotations
 
 import torch
 
+from pipeline import record as R
 from pipeline.measure import PeakMemory, count_flops, gemm_peak_tflops, summarize, time_calls
 from pipeline.registry import build_mixer
-from pipeline.scenarios.base import CellResult, Diverged, failure_text, is_oom, register
+from pipeline.scenarios.base import CellResult, Diverged, Plan, failure_text, is_oom, register
+from pipeline.schema import KernelScenario, Workload
+
+
+def timing_knobs(sc) -> dict:
+    """time_calls' keyword arguments from a scenario section with the timing fields."""
+    return dict(warmup=int(sc.warmup), warmup_s=float(sc.warmup_s), min_repeats=int(sc.min_repeats),
+                min_time_s=float(sc.min_time_s), max_time_s=float(sc.max_time_s))
 
 
 @register("kernel")
-def run_kernel(cfg, device: torch.device, result: CellResult) -> None:
-    sc, bb = cfg.scenario, cfg.backbone
+def run_kernel(sc: KernelScenario, w: Workload, plan: Plan, device: torch.device, result: CellResult) -> None:
+    bb = w.backbone
     dtype = getattr(torch, bb.dtype)
-    B, T, D = int(cfg.batch_size), int(cfg.seq_len), int(bb.d_model)
-    mixer = build_mixer(cfg.model, d_model=D, n_heads=bb.n_heads, causal=cfg.causal).to(device=device, dtype=dtype)
+    B, T, D = w.batch_size, w.seq_len, bb.d_model
+    mixer = build_mixer(w.model, d_model=D, n_heads=bb.n_heads, causal=w.causal).to(device=device, dtype=dtype)
     x_BTD = torch.randn(B, T, D, device=device, dtype=dtype)
-    timing = dict(warmup=int(sc.warmup), warmup_s=float(sc.get("warmup_s", 0.0)), min_repeats=int(sc.min_repeats),
-                  min_time_s=float(sc.min_time_s), max_time_s=float(sc.max_time_s))
+    timing = timing_knobs(sc)
 
     def fwd():
         with torch.no_grad():
@@ -29,7 +36,7 @@ def run_kernel(cfg, device: torch.device, result: CellResult) -> None:
 
     y_BTD = fwd()  # first call outside every measurement: lazy init, backend selection
     if not torch.isfinite(y_BTD).all():
-        raise Diverged(f"non-finite output from {cfg.model.name} at n={T}")
+        raise Diverged(f"non-finite output from {w.model['name']} at n={T}")
     del y_BTD
     with PeakMemory(device) as pm:
         fwd()
@@ -37,25 +44,25 @@ def run_kernel(cfg, device: torch.device, result: CellResult) -> None:
     backend = mixer.backend
     s = summarize(fwd_ms)
     m = result.metrics
-    m.update({"kernel/fwd_ms": s["median"], "kernel/fwd_ms_iqr": s["iqr"], "kernel/fwd_ms_min": s["min"],
-              "kernel/fwd_repeats": s["count"], "kernel/peak_mem_mb": pm.peak_mb})
-    result.tags["memory_method"] = pm.method
+    m.update({R.KERNEL_FWD_MS: s["median"], R.KERNEL_FWD_MS_IQR: s["iqr"], R.KERNEL_FWD_MS_MIN: s["min"],
+              R.KERNEL_FWD_REPEATS: s["count"], R.KERNEL_PEAK_MEM_MB: pm.peak_mb})
+    result.tags[R.MEMORY_METHOD] = pm.method
     result.note_backend(backend, [mixer])
 
     flops = mixer.flops(B, T)
-    m.update({"kernel/flops_fwd_analytic": flops["total"], "kernel/flops_fwd_projection": flops["projection"],
-              "kernel/flops_fwd_mixing": flops["mixing"]})
-    if sc.get("count_flops", True):
+    m.update({R.KERNEL_FLOPS_FWD_ANALYTIC: flops["total"], R.KERNEL_FLOPS_FWD_PROJECTION: flops["projection"],
+              R.KERNEL_FLOPS_FWD_MIXING: flops["mixing"]})
+    if sc.count_flops:
         counted = count_flops(fwd)
         if counted > 0:  # 0 means the counter has no formula for the kernel that ran, not "no work"
-            m["kernel/flops_fwd"] = float(counted)
+            m[R.KERNEL_FLOPS_FWD] = float(counted)
         else:
-            result.tags["flops_counted_note"] = f"FlopCounterMode saw no FLOPs in backend {backend}"
+            result.tags[R.FLOPS_COUNTED_NOTE] = f"FlopCounterMode saw no FLOPs in backend {backend}"
 
     peak = gemm_peak_tflops(device, dtype)
-    result.params["gemm_peak_tflops"] = round(peak, 4)
+    result.params[R.GEMM_PEAK_TFLOPS] = round(peak, 4)
     achieved = flops["total"] / (s["median"] * 1e-3) / 1e12
-    m.update({"kernel/tflops": achieved, "kernel/peak_fraction": achieved / peak})
+    m.update({R.KERNEL_TFLOPS: achieved, R.KERNEL_PEAK_FRACTION: achieved / peak})
     samples = {"fwd_ms": fwd_ms}
 
     # the mixing core alone: the mixer's projections (its nn.Linear layers, on inputs of this
@@ -64,17 +71,16 @@ def run_kernel(cfg, device: torch.device, result: CellResult) -> None:
     proj = _projections(mixer, B, T, device, dtype)
     if proj is not None:
         samples["proj_ms"] = time_calls(proj, device, **timing)
-        m["kernel/proj_ms"] = summarize(samples["proj_ms"])["median"]
-        mix_ms = s["median"] - m["kernel/proj_ms"]
+        m[R.KERNEL_PROJ_MS] = summarize(samples["proj_ms"])["median"]
+        mix_ms = s["median"] - m[R.KERNEL_PROJ_MS]
         if mix_ms > 0.05 * s["median"]:  # below that the difference is noise, not a time
             mix_rate = flops["mixing"] / (mix_ms * 1e-3) / 1e12
-            m.update({"kernel/mix_ms": mix_ms, "kernel/mixing_tflops": mix_rate,
-                      "kernel/mixing_peak_fraction": mix_rate / peak})
-    fwdbwd_fits = result.params.get("predicted_mem_fwdbwd_mb", 0) <= result.params.get("budget_mem_mb", float("inf"))
-    if sc.get("fwdbwd", True) and not fwdbwd_fits:
-        result.tags["fwdbwd_skipped"] = (f"predicted {result.params['predicted_mem_fwdbwd_mb'] / 1024:.2f} GiB "
-                                         f"exceeds the budget {result.params['budget_mem_mb'] / 1024:.2f} GiB")
-    if sc.get("fwdbwd", True) and fwdbwd_fits:
+            m.update({R.KERNEL_MIX_MS: mix_ms, R.KERNEL_MIXING_TFLOPS: mix_rate,
+                      R.KERNEL_MIXING_PEAK_FRACTION: mix_rate / peak})
+    if sc.fwdbwd and not plan.fwdbwd_fits:
+        result.tags[R.FWDBWD_SKIPPED] = (f"predicted {plan.predicted_fwdbwd_bytes / 2**30:.2f} GiB "
+                                         f"exceeds the budget {plan.budget_bytes / 2**30:.2f} GiB")
+    if sc.fwdbwd and plan.fwdbwd_fits:
         x_req = x_BTD.detach().clone().requires_grad_(True)
         g_BTD = torch.randn_like(x_BTD)
 
@@ -93,11 +99,11 @@ def run_kernel(cfg, device: torch.device, result: CellResult) -> None:
             # and the scores' at once): running out there leaves the forward's figures standing
             if not is_oom(e):
                 raise
-            result.tags["fwdbwd_skipped"] = f"out of memory in forward+backward: {failure_text(e)}"
+            result.tags[R.FWDBWD_SKIPPED] = f"out of memory in forward+backward: {failure_text(e)}"
         else:
             s2 = summarize(fb_ms)
-            m.update({"kernel/fwdbwd_ms": s2["median"], "kernel/fwdbwd_ms_iqr": s2["iqr"],
-                      "kernel/fwdbwd_ms_min": s2["min"], "kernel/peak_mem_fwdbwd_mb": pm2.peak_mb})
+            m.update({R.KERNEL_FWDBWD_MS: s2["median"], R.KERNEL_FWDBWD_MS_IQR: s2["iqr"],
+                      R.KERNEL_FWDBWD_MS_MIN: s2["min"], R.KERNEL_PEAK_MEM_FWDBWD_MB: pm2.peak_mb})
             samples["fwdbwd_ms"] = fb_ms
     result.artifacts["timings.json"] = samples
 

@@ -24,33 +24,35 @@ import time
 
 import torch
 
+from pipeline import record as R
 from pipeline.measure import PeakMemory, summarize
-from pipeline.scenarios.base import CellResult, register
+from pipeline.scenarios.base import CellResult, Plan, register
+from pipeline.schema import FullScenario, InferScenario, TrainScenario, Workload
 
 
-def _build(cfg, task):
+def _build(w: Workload, task):
     """The token model for this cell, seeded: the same seed gives the same initial weights."""
     from models.lm import TokenModel
     from pipeline.registry import mixer_factory
 
-    bb = cfg.backbone
-    torch.manual_seed(int(cfg.seed))
+    bb = w.backbone
+    torch.manual_seed(w.seed)
     return TokenModel(
         vocab_size=task.vocab_size, d_model=int(bb.d_model), n_layers=int(bb.n_layers),
         n_heads=int(bb.n_heads), mlp_ratio=int(bb.mlp_ratio),
-        mixer_factory=mixer_factory(cfg.model, causal=bool(cfg.causal)),
-        grad_checkpointing=bool(cfg.trainer.get("grad_checkpointing", False)),
-        max_len=int(cfg.seq_len) if task.positions == "learned" else None,
+        mixer_factory=mixer_factory(w.model, causal=w.causal),
+        grad_checkpointing=bool(w.trainer.grad_checkpointing),
+        max_len=w.seq_len if task.positions == "learned" else None,
         prev_token=task.prev_token,
     )
 
 
-def _setup(cfg, result: CellResult):
+def _setup(w: Workload, result: CellResult):
     from pipeline.tasks import build_task
 
-    task = build_task(cfg.task)
-    task.check(int(cfg.seq_len))
-    result.params["seed"] = int(cfg.seed)
+    task = build_task(w.task)
+    task.check(w.seq_len)
+    result.params[R.SEED] = w.seed
     result.params.update(task.describe())
     return task
 
@@ -64,7 +66,7 @@ def _max_over_ranks(value: float, device) -> float:
     return value
 
 
-def train_model(cfg, device, result: CellResult, task):
+def train_model(sc: TrainScenario | FullScenario, w: Workload, device, result: CellResult, task):
     """Fit for the task's budget, validate, fill train/* and val/*; returns the LightningModule."""
     from pipeline.lightning_module import (
         LitTokenModel,
@@ -74,49 +76,50 @@ def train_model(cfg, device, result: CellResult, task):
     )
 
     tr = dict(task.train)
-    max_steps, warmup_steps = int(tr["max_steps"]), int(cfg.scenario.warmup_steps)
+    max_steps, warmup_steps = int(tr["max_steps"]), int(sc.warmup_steps)
     if max_steps <= warmup_steps:
         raise ValueError(f"task.train.max_steps={max_steps} leaves no timed step after "
                          f"scenario.warmup_steps={warmup_steps}")
-    model = _build(cfg, task)
+    model = _build(w, task)
     for m in model.mixers:
-        m.check_seq_len(int(cfg.seq_len))
+        m.check_seq_len(w.seq_len)
     module = LitTokenModel(model, task, optim={**tr, "max_steps": max_steps})
     timer = StepTimer(device, warmup_steps=warmup_steps)
-    trainer = build_trainer(cfg.trainer, max_steps=max_steps, callbacks=[timer],
+    trainer = build_trainer(vars(w.trainer), max_steps=max_steps, callbacks=[timer],
                             gradient_clip_val=tr.get("grad_clip"))
-    train_dl = task.train_loader(int(cfg.seq_len), int(tr["batch_size"]), int(cfg.seed))
+    train_dl = task.train_loader(w.seq_len, int(tr["batch_size"]), w.seed)
     with expected_warnings_silenced():
         t0 = time.perf_counter()
         with PeakMemory(device) as pm:
             trainer.fit(module, train_dataloaders=train_dl)
         fit_s = time.perf_counter() - t0
-        val_dl = task.val_loader(int(cfg.seq_len), int(cfg.seed))
+        val_dl = task.val_loader(w.seq_len, w.seed)
         t0 = time.perf_counter()
         trainer.validate(module, dataloaders=val_dl, verbose=False)
         val_s = time.perf_counter() - t0
 
     s = summarize(timer.step_ms)
     result.metrics.update({
-        "train/step_ms": s["median"], "train/step_ms_iqr": s["iqr"], "train/step_ms_min": s["min"],
-        "train/steps": float(len(timer.losses)),
-        "train/tokens_per_s": timer.tokens_per_step / (s["median"] * 1e-3),
-        "train/peak_mem_mb": _max_over_ranks(pm.peak_mb, trainer.strategy.root_device),
-        "train/final_loss": timer.losses[-1],
-        "train/world_size": float(trainer.world_size),
-        "train/fit_s": fit_s,  # the whole fit: every step, data generation and Lightning's own work
-        "val/wall_s": val_s,
+        R.TRAIN_STEP_MS: s["median"], R.TRAIN_STEP_MS_IQR: s["iqr"], R.TRAIN_STEP_MS_MIN: s["min"],
+        R.TRAIN_STEPS: float(len(timer.losses)),
+        R.TRAIN_TOKENS_PER_S: timer.tokens_per_step / (s["median"] * 1e-3),
+        R.TRAIN_PEAK_MEM_MB: _max_over_ranks(pm.peak_mb, trainer.strategy.root_device),
+        R.TRAIN_FINAL_LOSS: timer.losses[-1],
+        R.TRAIN_WORLD_SIZE: float(trainer.world_size),
+        R.TRAIN_FIT_S: fit_s,  # the whole fit: every step, data generation and Lightning's own work
+        R.VAL_WALL_S: val_s,
     })
     result.metrics.update(module.val_results)
-    result.metrics.update(task.baselines(int(cfg.seq_len)))
-    result.series["train/loss"] = timer.losses
-    result.tags["memory_method"] = pm.method
+    result.metrics.update(task.baselines(w.seq_len))
+    result.series[R.TRAIN_LOSS] = timer.losses
+    result.tags[R.MEMORY_METHOD] = pm.method
     result.artifacts["train_step_ms.json"] = timer.step_ms
     result.note_backend(model.backend, model.mixers)
     return module
 
 
-def infer_model(cfg, device, result: CellResult, task, module=None) -> None:
+def infer_model(sc: InferScenario | FullScenario, w: Workload, device, result: CellResult, task,
+                module=None) -> None:
     """Time the predict loop on `module` (a fresh, untrained model when None); fill infer/*."""
     from pipeline.lightning_module import (
         InferTimer,
@@ -125,31 +128,30 @@ def infer_model(cfg, device, result: CellResult, task, module=None) -> None:
         expected_warnings_silenced,
     )
 
-    sc = cfg.scenario
     if int(sc.batches) < 1:
         raise ValueError(f"scenario.batches must be >= 1, got {sc.batches}")
     if module is None:
-        model = _build(cfg, task)
+        model = _build(w, task)
         for m in model.mixers:
-            m.check_seq_len(int(cfg.seq_len))
+            m.check_seq_len(w.seq_len)
         module = LitTokenModel(model, task)
     timer = InferTimer(device, warmup=int(sc.warmup))
-    trainer = build_trainer(cfg.trainer, callbacks=[timer])
-    dl = task.predict_loader(int(cfg.seq_len), int(cfg.batch_size), int(sc.warmup) + int(sc.batches), int(cfg.seed))
+    trainer = build_trainer(vars(w.trainer), callbacks=[timer])
+    dl = task.predict_loader(w.seq_len, w.batch_size, int(sc.warmup) + int(sc.batches), w.seed)
     with expected_warnings_silenced(), PeakMemory(device) as pm:
         trainer.predict(module, dataloaders=dl, return_predictions=False)
     s = summarize(timer.batch_ms)
     result.metrics.update({
-        "infer/latency_ms": s["median"], "infer/latency_ms_iqr": s["iqr"], "infer/latency_ms_min": s["min"],
-        "infer/tokens_per_s": timer.tokens_per_batch / (s["median"] * 1e-3),
-        "infer/peak_mem_mb": _max_over_ranks(pm.peak_mb, trainer.strategy.root_device),
+        R.INFER_LATENCY_MS: s["median"], R.INFER_LATENCY_MS_IQR: s["iqr"], R.INFER_LATENCY_MS_MIN: s["min"],
+        R.INFER_TOKENS_PER_S: timer.tokens_per_batch / (s["median"] * 1e-3),
+        R.INFER_PEAK_MEM_MB: _max_over_ranks(pm.peak_mb, trainer.strategy.root_device),
     })
-    result.tags["infer_memory_method"] = pm.method
+    result.tags[R.INFER_MEMORY_METHOD] = pm.method
     result.artifacts["infer_latency_ms.json"] = timer.batch_ms
     result.note_backend(module.model.backend, module.model.mixers)
 
 
-def fidelity(cfg, device, result: CellResult, task) -> None:
+def fidelity(w: Workload, device, result: CellResult, task) -> None:
     """One mixer against the exact reference on the same weights and inputs (no training).
 
     Variants that do not approximate attention (`is_attention` false) get no figure, and a
@@ -158,54 +160,54 @@ def fidelity(cfg, device, result: CellResult, task) -> None:
     from pipeline.registry import build_mixer, load_variant_cfg
     from pipeline.tasks import copy_shared_weights
 
-    bb, B, T = cfg.backbone, int(cfg.batch_size), int(cfg.seq_len)
-    torch.manual_seed(int(cfg.seed))
-    variant = build_mixer(cfg.model, d_model=int(bb.d_model), n_heads=int(bb.n_heads), causal=bool(cfg.causal))
+    bb, B, T = w.backbone, w.batch_size, w.seq_len
+    torch.manual_seed(w.seed)
+    variant = build_mixer(w.model, d_model=int(bb.d_model), n_heads=int(bb.n_heads), causal=w.causal)
     variant.check_seq_len(T)
-    result.params["seed"] = int(cfg.seed)
+    result.params[R.SEED] = w.seed
     if not variant.is_attention:
         with torch.no_grad():
             variant.to(device)(torch.zeros(1, min(T, 8), int(bb.d_model), device=device))  # sets backend
-        result.tags["backend"] = variant.backend
-        result.tags["quality_note"] = (
+        result.tags[R.BACKEND] = variant.backend
+        result.tags[R.QUALITY_NOTE] = (
             f"{type(variant).__name__} does not approximate softmax attention (is_attention=False): "
             "there is no exact output to compare with; see the trained tasks for its quality"
         )
         return
-    torch.manual_seed(int(cfg.seed))
+    torch.manual_seed(w.seed)
     reference = build_mixer(load_variant_cfg(task.reference), d_model=int(bb.d_model), n_heads=int(bb.n_heads),
-                            causal=bool(cfg.causal))
+                            causal=w.causal)
     if not reference.exact:
         raise ValueError(f"task.reference={task.reference!r} is not an exact variant (exact=False)")
     copy_shared_weights(reference, variant)
     reference.to(device).eval()
     variant.to(device).eval()
-    x_BTD = task.inputs(reference, B, T, int(cfg.seed), device)
+    x_BTD = task.inputs(reference, B, T, w.seed, device)
     result.metrics.update(task.evaluate(reference, variant, x_BTD))
     result.note_backend(variant.backend, [variant])
 
 
 @register("train")
-def run_train(cfg, device: torch.device, result: CellResult) -> None:
-    task = _setup(cfg, result)
+def run_train(sc: TrainScenario, w: Workload, plan: Plan, device: torch.device, result: CellResult) -> None:
+    task = _setup(w, result)
     if task.trains:
-        train_model(cfg, device, result, task)
+        train_model(sc, w, device, result, task)
     else:
-        fidelity(cfg, device, result, task)
+        fidelity(w, device, result, task)
 
 
 @register("infer")
-def run_infer(cfg, device: torch.device, result: CellResult) -> None:
-    task = _setup(cfg, result)
-    infer_model(cfg, device, result, task)
+def run_infer(sc: InferScenario, w: Workload, plan: Plan, device: torch.device, result: CellResult) -> None:
+    task = _setup(w, result)
+    infer_model(sc, w, device, result, task)
 
 
 @register("full")
-def run_full(cfg, device: torch.device, result: CellResult) -> None:
-    task = _setup(cfg, result)
+def run_full(sc: FullScenario, w: Workload, plan: Plan, device: torch.device, result: CellResult) -> None:
+    task = _setup(w, result)
     if task.trains:
-        module = train_model(cfg, device, result, task)
-        infer_model(cfg, device, result, task, module)
+        module = train_model(sc, w, device, result, task)
+        infer_model(sc, w, device, result, task, module)
     else:
-        fidelity(cfg, device, result, task)
-        infer_model(cfg, device, result, task)
+        fidelity(w, device, result, task)
+        infer_model(sc, w, device, result, task)

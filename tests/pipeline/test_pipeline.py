@@ -7,12 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, compose, run_cli
 
+from pipeline import record as R
 from pipeline.cell import run_cell
 from pipeline.config import to_dict
 from pipeline.registry import discover_variants
 from pipeline.tracking import Tracker
+from tests.support import REPO, compose, run_cli
 
 FAST = ["scenario.min_time_s=0", "scenario.min_repeats=2", "scenario.warmup=1", "scenario.warmup_s=0", "seq_len=32"]
 
@@ -40,10 +41,10 @@ def test_inline_cell_record(store_uri):
         assert tag in t, tag
     assert t["fp32_matmul"] == "highest"  # nothing here lowers fp32 matmuls to TF32/bf16
     assert t["status"] == "ok" and t["backend"] == "torch-matmul" and t["device"] == "cpu"
-    for metric in ("kernel/fwd_ms", "kernel/fwd_ms_iqr", "kernel/fwdbwd_ms", "kernel/flops_fwd",
-                   "kernel/flops_fwd_analytic", "kernel/tflops", "kernel/peak_fraction", "kernel/peak_mem_mb"):
+    for metric in (R.KERNEL_FWD_MS, R.KERNEL_FWD_MS_IQR, R.KERNEL_FWDBWD_MS, R.KERNEL_FLOPS_FWD,
+                   R.KERNEL_FLOPS_FWD_ANALYTIC, R.KERNEL_TFLOPS, R.KERNEL_PEAK_FRACTION, R.KERNEL_PEAK_MEM_MB):
         assert metric in m and m[metric] == m[metric], metric
-    assert m["kernel/fwd_ms"] > 0 and float(p["gemm_peak_tflops"]) > 0
+    assert m[R.KERNEL_FWD_MS] > 0 and float(p["gemm_peak_tflops"]) > 0
     arts = {a.path for a in Tracker(store_uri, "record").client.list_artifacts(run.info.run_id)}
     assert {"config.json", "timings.json"} <= arts
 
@@ -70,8 +71,8 @@ def test_isolated_failures_are_recorded(store_uri, target, extra, status, reason
                    quiet=True)
     assert got == status
     (run,) = runs_of(store_uri, exp)
-    assert run.data.tags["status"] == status
-    assert reason in run.data.tags["failure_reason"]
+    assert run.data.tags[R.STATUS] == status
+    assert reason in run.data.tags[R.FAILURE_REASON]
     assert run.info.status == "FAILED"
 
 
@@ -81,8 +82,8 @@ def test_oom_in_forward_backward_keeps_the_forward(store_uri):
     assert got == "ok"
     (run,) = runs_of(store_uri, "oom-bwd")
     m, t = run.data.metrics, run.data.tags
-    assert m["kernel/fwd_ms"] > 0 and m["kernel/peak_mem_mb"] >= 0
-    assert "kernel/fwdbwd_ms" not in m and "kernel/peak_mem_fwdbwd_mb" not in m
+    assert m[R.KERNEL_FWD_MS] > 0 and m[R.KERNEL_PEAK_MEM_MB] >= 0
+    assert R.KERNEL_FWDBWD_MS not in m and R.KERNEL_PEAK_MEM_FWDBWD_MB not in m
     assert t["fwdbwd_skipped"].startswith("out of memory in forward+backward: RuntimeError:"), t["fwdbwd_skipped"]
     assert "allocate" in t["fwdbwd_skipped"]
 
@@ -90,8 +91,8 @@ def test_oom_in_forward_backward_keeps_the_forward(store_uri):
 def test_preflight_budget_skips_without_running(store_uri):
     assert run_cell(cell(store_uri, "budget", "budget.memory_gb=1e-6", "isolate=false"), quiet=True) == "skipped"
     (run,) = runs_of(store_uri, "budget")
-    assert "exceeds the memory budget" in run.data.tags["failure_reason"]
-    assert "kernel/fwd_ms" not in run.data.metrics
+    assert "exceeds the memory budget" in run.data.tags[R.FAILURE_REASON]
+    assert R.KERNEL_FWD_MS not in run.data.metrics
 
 
 def test_resume_reuses_ok_runs_and_overwrite_reruns(store_uri):
@@ -113,7 +114,7 @@ def test_orphaned_running_runs_are_marked(store_uri):
     live = tr.create_run("live", {"host": socket.gethostname(), "pid": str(os.getpid()), "status": "running"})
     assert run_id in tr.mark_orphans()
     r = tr.client.get_run(run_id)
-    assert r.info.status == "FAILED" and r.data.tags["status"] == "error"
+    assert r.info.status == "FAILED" and r.data.tags[R.STATUS] == "error"
     assert tr.client.get_run(live).info.status == "RUNNING"
     tr.end_run(live, "ok")
 
@@ -128,13 +129,13 @@ def test_sweep_parent_children_resume_and_oom_skip(tmp_path):
     tr = Tracker(uri, "attnbench")
     parents = tr.search("tags.`attnbench.role` = 'sweep'")
     assert len(parents) == 1
-    sweep_id = parents[0].data.tags["sweep_id"]
+    sweep_id = parents[0].data.tags[R.SWEEP_ID]
     children = tr.search(f"tags.sweep_id = '{sweep_id}'")
     children = [c for c in children if c.info.run_id != parents[0].info.run_id]
     n_cells = 2 * len(discover_variants())
     assert len(children) == n_cells
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
-    assert {c.data.tags["status"] for c in children} == {"ok"}
+    assert {c.data.tags[R.STATUS] for c in children} == {"ok"}
 
     # the same sweep again: every cell is reused, no new child run
     r = run_cli(args, env=env, timeout=600)
@@ -143,7 +144,7 @@ def test_sweep_parent_children_resume_and_oom_skip(tmp_path):
     assert len(parents) == 2
     newest = parents[0]
     assert sum(k.startswith("reused/") for k in newest.data.tags) == n_cells
-    assert len(tr.search(f"tags.sweep_id = '{newest.data.tags['sweep_id']}'")) == 1  # the parent only
+    assert len(tr.search(f"tags.sweep_id = '{newest.data.tags[R.SWEEP_ID]}'")) == 1  # the parent only
 
     # a cell line that runs out of memory: longer lengths are skipped, pointing at the failure
     r = run_cli(["-m", "seq_len=16,32,48", "model._target_=tests.faults.HugeAlloc", "model.name=huge",
@@ -152,9 +153,9 @@ def test_sweep_parent_children_resume_and_oom_skip(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     runs = tr.search("tags.model = 'huge'")
     by_n = {int(x.data.params["seq_len"]): x for x in runs}
-    assert by_n[16].data.tags["status"] == "oom"
-    assert by_n[32].data.tags["status"] == "skipped" and by_n[16].info.run_id in by_n[32].data.tags["failure_reason"]
-    assert by_n[48].data.tags["status"] == "skipped"
+    assert by_n[16].data.tags[R.STATUS] == "oom"
+    assert by_n[32].data.tags[R.STATUS] == "skipped" and by_n[16].info.run_id in by_n[32].data.tags[R.FAILURE_REASON]
+    assert by_n[48].data.tags[R.STATUS] == "skipped"
 
 
 @pytest.mark.slow
@@ -183,7 +184,7 @@ def test_sigkilled_sweep_resumes_without_duplicates(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "orphaned" in r.stdout
     tr = Tracker(uri, "attnbench")
-    cells = [x for x in tr.search("") if x.data.tags.get("attnbench.role") != "sweep"]
-    ok = [x for x in cells if x.data.tags.get("status") == "ok"]
+    cells = [x for x in tr.search("") if x.data.tags.get(R.ROLE) != "sweep"]
+    ok = [x for x in cells if x.data.tags.get(R.STATUS) == "ok"]
     assert sorted(int(x.data.params["seq_len"]) for x in ok) == [32, 48, 64, 80]
     assert not [x for x in tr.search("attributes.status = 'RUNNING'")]

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import math
 
-from conftest import compose
-
+from pipeline import record as R
 from pipeline.cell import run_cell
 from pipeline.config import to_dict
 from pipeline.tracking import Tracker
+from tests.support import compose
 
 
 def test_two_rank_cpu_ddp_cell(store_uri):
@@ -19,7 +19,7 @@ def test_two_rank_cpu_ddp_cell(store_uri):
     assert run_cell(d, quiet=True) == "ok"
     (run,) = Tracker(store_uri, "ddp").search("")
     m, t = run.data.metrics, run.data.tags
-    assert m["train/world_size"] == 2 and t["world_size"] == "2"
+    assert m[R.TRAIN_WORLD_SIZE] == 2 and t["world_size"] == "2"
     assert t["num_threads"] == "1"  # 2 cores shared by 2 ranks
-    for key in ("train/step_ms", "train/tokens_per_s", "train/peak_mem_mb", "val/acc", "val/loss"):
-        assert math.isfinite(m[key]) and m[key] > 0 or key == "val/acc", key
+    for key in (R.TRAIN_STEP_MS, R.TRAIN_TOKENS_PER_S, R.TRAIN_PEAK_MEM_MB, R.VAL_ACC, R.VAL_LOSS):
+        assert math.isfinite(m[key]) and m[key] > 0 or key == R.VAL_ACC, key

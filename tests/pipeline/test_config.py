@@ -4,10 +4,10 @@ from __future__ import annotations
 import importlib
 
 import pytest
-from conftest import REPO, compose, run_cli
 
 from pipeline.config import ConfigError, config_hash, family_hash, flatten, to_dict, validate
 from pipeline.registry import discover_variants, load_variant_cfg
+from tests.support import REPO, compose, run_cli
 
 
 def test_discovery_lists_conf_model():
@@ -110,7 +110,7 @@ def test_fp32_matmul_tag_survives_the_newer_precision_api():
     import subprocess
     import sys
 
-    code = ("import torch; from pipeline.cell import fp32_matmul_tag; a = fp32_matmul_tag(); "
+    code = ("import torch; from pipeline.execute import fp32_matmul_tag; a = fp32_matmul_tag(); "
             "torch.backends.cuda.matmul.fp32_precision = 'tf32'; print(a, '|', fp32_matmul_tag())")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr  # its own process: the setting is global to one

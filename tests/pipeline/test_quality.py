@@ -9,9 +9,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from pipeline import record as R
+from pipeline.config import to_dict
+from pipeline.execute import preflight
 from pipeline.registry import CONF_DIR, discover_variants
 from pipeline.scenarios import quality
 from pipeline.scenarios.base import CellResult, Diverged
+from pipeline.schema import scenario_section, workload
 
 SMALL_MQAR = ["task=mqar", "task.num_pairs=2", "task.num_keys=8", "task.num_values=8", "task.val_samples=64",
               "seq_len=32", "task.train.batch_size=16", "task.train.warmup_steps=5"]
@@ -27,27 +31,29 @@ def cell(*overrides: str):
 
 
 def run(fn, cfg) -> CellResult:
+    """A scenario as the child side calls it: its own section, the workload, pre-flight's plan."""
+    d, device = to_dict(cfg), torch.device("cpu")
     result = CellResult()
-    fn(cfg, torch.device("cpu"), result)
+    fn(scenario_section(d), workload(d), preflight(d, device), device, result)
     return result
 
 
 def test_train_lowers_loss_and_reports():
     cfg = cell("scenario=train", "scenario.warmup_steps=2", *SMALL_MQAR, "task.train.max_steps=40")
     r = run(quality.run_train, cfg)
-    loss = r.series["train/loss"]
+    loss = r.series[R.TRAIN_LOSS]
     assert len(loss) == 40 and all(math.isfinite(v) for v in loss)
     assert sum(loss[-5:]) / 5 < loss[0] - 0.5
     m = r.metrics
-    assert m["train/steps"] == 40
+    assert m[R.TRAIN_STEPS] == 40
     assert len(r.artifacts["train_step_ms.json"]) == 40 - 2  # warm-up steps left out
-    assert m["train/step_ms"] > 0 and m["train/step_ms_iqr"] >= 0
-    assert m["train/tokens_per_s"] == pytest.approx(16 * 32 / (m["train/step_ms"] * 1e-3))
-    assert 0.0 <= m["val/acc"] <= 1.0 and math.isfinite(m["val/loss"])
-    assert m["val/acc_chance"] == pytest.approx(1 / 8)
-    assert r.tags["backend"] == "torch-matmul" and r.params["seed"] == 0
-    assert r.tags["memory_method"]
-    assert "infer/latency_ms" not in m
+    assert m[R.TRAIN_STEP_MS] > 0 and m[R.TRAIN_STEP_MS_IQR] >= 0
+    assert m[R.TRAIN_TOKENS_PER_S] == pytest.approx(16 * 32 / (m[R.TRAIN_STEP_MS] * 1e-3))
+    assert 0.0 <= m[R.VAL_ACC] <= 1.0 and math.isfinite(m[R.VAL_LOSS])
+    assert m[R.VAL_ACC_CHANCE] == pytest.approx(1 / 8)
+    assert r.tags[R.BACKEND] == "torch-matmul" and r.params["seed"] == 0
+    assert r.tags[R.MEMORY_METHOD]
+    assert R.INFER_LATENCY_MS not in m
 
 
 def test_code_lm_beats_unigram():
@@ -55,9 +61,9 @@ def test_code_lm_beats_unigram():
                "task.max_val_chars=8000", "task.train.max_steps=60", "task.train.batch_size=16",
                "task.train.warmup_steps=5")
     m = run(quality.run_train, cfg).metrics
-    assert m["val/bpc"] == pytest.approx(m["val/loss"] / math.log(2))
-    assert 3.0 < m["val/bpc_unigram"] < 6.5
-    assert m["val/bpc"] < m["val/bpc_unigram"]
+    assert m[R.VAL_BPC] == pytest.approx(m[R.VAL_LOSS] / math.log(2))
+    assert 3.0 < m[R.VAL_BPC_UNIGRAM] < 6.5
+    assert m[R.VAL_BPC] < m[R.VAL_BPC_UNIGRAM]
 
 
 def test_nan_loss_raises_diverged(monkeypatch):
@@ -89,7 +95,7 @@ def test_huge_lr_diverges_or_fails_to_learn():
         r = run(quality.run_train, cfg)
     except Diverged:
         return
-    assert r.metrics["val/acc"] < 0.5
+    assert r.metrics[R.VAL_ACC] < 0.5
 
 
 def test_infer_times_batches():
@@ -97,9 +103,9 @@ def test_infer_times_batches():
     r = run(quality.run_infer, cfg)
     m = r.metrics
     assert len(r.artifacts["infer_latency_ms.json"]) == 4
-    assert m["infer/latency_ms"] > 0 and m["infer/peak_mem_mb"] == m["infer/peak_mem_mb"]  # not NaN
-    assert m["infer/tokens_per_s"] == pytest.approx(3 * 32 / (m["infer/latency_ms"] * 1e-3))
-    assert "train/step_ms" not in m and r.tags["backend"] == "torch-matmul"
+    assert m[R.INFER_LATENCY_MS] > 0 and m[R.INFER_PEAK_MEM_MB] == m[R.INFER_PEAK_MEM_MB]  # not NaN
+    assert m[R.INFER_TOKENS_PER_S] == pytest.approx(3 * 32 / (m[R.INFER_LATENCY_MS] * 1e-3))
+    assert R.TRAIN_STEP_MS not in m and r.tags[R.BACKEND] == "torch-matmul"
 
 
 def test_full_trains_then_infers_and_checkpointing_matches():
@@ -107,9 +113,9 @@ def test_full_trains_then_infers_and_checkpointing_matches():
     plain = run(quality.run_full, cell(*base))
     ckpt = run(quality.run_full, cell(*base, "trainer.grad_checkpointing=true"))
     for r in (plain, ckpt):
-        assert {"train/step_ms", "val/acc", "infer/latency_ms", "infer/tokens_per_s"} <= r.metrics.keys()
+        assert {R.TRAIN_STEP_MS, R.VAL_ACC, R.INFER_LATENCY_MS, R.INFER_TOKENS_PER_S} <= r.metrics.keys()
     # same seed, same data: checkpointing changes memory and time, not the optimisation
-    assert plain.series["train/loss"] == pytest.approx(ckpt.series["train/loss"], rel=1e-5)
+    assert plain.series[R.TRAIN_LOSS] == pytest.approx(ckpt.series[R.TRAIN_LOSS], rel=1e-5)
 
 
 def test_bad_run_settings_fail_before_compute():
@@ -156,15 +162,15 @@ def test_fidelity_per_variant(name):
         model = compose("config", overrides=[f"model={name}", f"seq_len={FID_T}"]).model
     mixer = build_mixer(model, d_model=64, n_heads=2)
     r = _fidelity(name)
-    assert "train/loss" not in r.series  # fidelity does not train
-    assert r.tags["backend"] and r.tags["backend"] != "unset"
+    assert R.TRAIN_LOSS not in r.series  # fidelity does not train
+    assert r.tags[R.BACKEND] and r.tags[R.BACKEND] != "unset"
     if not mixer.is_attention:
-        assert "quality/rel_err_vs_exact" not in r.metrics and "quality/rel_err_uniform_mean" not in r.metrics
-        assert "is_attention=False" in r.tags["quality_note"]
+        assert R.QUALITY_REL_ERR_VS_EXACT not in r.metrics and R.QUALITY_REL_ERR_UNIFORM_MEAN not in r.metrics
+        assert "is_attention=False" in r.tags[R.QUALITY_NOTE]
         return
-    err, uni = r.metrics["quality/rel_err_vs_exact"], r.metrics["quality/rel_err_uniform_mean"]
+    err, uni = r.metrics[R.QUALITY_REL_ERR_VS_EXACT], r.metrics[R.QUALITY_REL_ERR_UNIFORM_MEAN]
     assert 0.5 < uni < 1.5  # the inputs make attention peaked, so the mean of v is far off
-    assert r.metrics["quality/attn_eff_keys"] < FID_T / 4
+    assert r.metrics[R.QUALITY_ATTN_EFF_KEYS] < FID_T / 4
     if mixer.exact:
         assert err < 1e-4
     else:
@@ -174,7 +180,7 @@ def test_fidelity_per_variant(name):
 
 
 def test_fidelity_reference_against_itself_is_zero():
-    assert _fidelity("vanilla").metrics["quality/rel_err_vs_exact"] == 0.0
+    assert _fidelity("vanilla").metrics[R.QUALITY_REL_ERR_VS_EXACT] == 0.0
 
 
 def test_fidelity_full_also_times_inference():
@@ -182,7 +188,7 @@ def test_fidelity_full_also_times_inference():
         cfg = compose("config", overrides=["model=vanilla", "task=fidelity", "scenario=full", "seq_len=64",
                                            "scenario.batches=2"])
     r = run(quality.run_full, cfg)
-    assert "quality/rel_err_vs_exact" in r.metrics and r.metrics["infer/latency_ms"] > 0
+    assert R.QUALITY_REL_ERR_VS_EXACT in r.metrics and r.metrics[R.INFER_LATENCY_MS] > 0
 
 
 def test_fidelity_refuses_mismatched_weights():

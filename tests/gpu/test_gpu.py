@@ -6,12 +6,11 @@ forward holds its T x T scores in GPU memory and xFormers' does not; an oversize
 as `oom` and the next cell still runs. The rest runs here: the dry run of gpu_check.sh (every cell
 of grid=gpu_check composed and validated) and the summary it ends with, on a synthetic store.
 
-    pytest -m gpu tests/test_gpu.py     # on a CUDA machine
-    pytest tests/test_gpu.py            # anywhere
+    pytest -m gpu tests/gpu/test_gpu.py     # on a CUDA machine
+    pytest tests/gpu/test_gpu.py            # anywhere
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import re
@@ -20,7 +19,6 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, compose
 
 from models.vanilla import VanillaAttention
 from models.xformers_attn import XformersAttention
@@ -28,16 +26,11 @@ from pipeline.cell import run_cell
 from pipeline.config import to_dict
 from pipeline.measure import PeakMemory
 from pipeline.registry import discover_variants
+from pipeline.report import gpu_summary
 from pipeline.tracking import Tracker
+from tests.support import REPO, compose
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _gpu_summary():
-    spec = importlib.util.spec_from_file_location("gpu_summary", REPO / "scripts" / "gpu_summary.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -143,7 +136,7 @@ def test_gpu_check_dry_run_prints_the_plan_and_validates_every_cell(tmp_path):
     out = r.stdout
     for name in ("install", "gpu", "probe", "xformers", "plan", "pytest", "sweep", "report", "summary", "collect"):
         assert re.search(rf"^  {name} +timeout +\d+s", out, re.MULTILINE), f"step {name} missing:\n{out}"
-    assert "pipeline.run -m grid=gpu_check" in out and "-m gpu tests/test_gpu.py" in out
+    assert "pipeline.run -m grid=gpu_check" in out and "-m gpu tests/gpu/test_gpu.py" in out
     m = re.search(r"^grid=gpu_check: (\d+) cells in (\d+) grids, every one composes and validates$", out, re.MULTILINE)
     assert m, out
     assert int(re.search(r"^cells: (\d+)$", out, re.MULTILINE).group(1)) == int(m.group(1)) > 0
@@ -157,16 +150,16 @@ def test_gpu_check_dry_run_prints_the_plan_and_validates_every_cell(tmp_path):
 
 @pytest.mark.parametrize("grid", sorted(p.stem for p in (REPO / "conf" / "grid").glob("*.yaml")))
 def test_every_shipped_grid_composes_and_validates(grid, capsys):
-    assert _gpu_summary().plan(grid, []) == 0, capsys.readouterr().out
+    assert gpu_summary.plan(grid, []) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert re.search(rf"^grid={grid}: [1-9]\d* cells in \d+ grids, every one composes and validates$", out, re.MULTILINE)
 
 
 def test_plan_rejects_a_cell_that_does_not_validate(capsys):
-    assert _gpu_summary().plan("gpu_check", ["backbone.n_heads=3"]) == 1
+    assert gpu_summary.plan("gpu_check", ["backbone.n_heads=3"]) == 1
     assert "FAIL cell does not validate" in capsys.readouterr().out
     # as the sweeper does: a task that cannot be laid out at the cell's length (MQAR in 16 tokens)
-    assert _gpu_summary().plan("smoke", ["seq_len=16"]) == 1  # its full and train cells are MQAR
+    assert gpu_summary.plan("smoke", ["seq_len=16"]) == 1  # its full and train cells are MQAR
     out = capsys.readouterr().out
     assert "FAIL cell does not validate" in out and "mqar" in out
 
@@ -230,7 +223,7 @@ def _write_sweep(uri: str, exp: str, xformers_backend: str = "xformers", cut: in
 def test_summary_of_a_gpu_check_sweep(store_uri):
     _write_sweep(store_uri, "summary-ok")
     buf = io.StringIO()
-    failed = _gpu_summary().summarize("summary-ok", None, store_uri, out=buf)  # None: the newest sweep
+    failed = gpu_summary.summarize("summary-ok", None, store_uri, out=buf)  # None: the newest sweep
     text = buf.getvalue()
     assert failed == 0, text
     lines = {ln.split()[0]: ln for ln in text.splitlines() if ln.split() and ln.split()[0] in ("vanilla", "xformers", "ssm")}
@@ -256,7 +249,7 @@ def test_summary_of_a_gpu_check_sweep(store_uri):
 def test_summary_fails_when_xformers_fell_back_in_bf16(store_uri):
     _write_sweep(store_uri, "summary-fallback", xformers_backend="sdpa-flash")
     buf = io.StringIO()
-    assert _gpu_summary().summarize("summary-fallback", "s1", store_uri, out=buf) == 1
+    assert gpu_summary.summarize("summary-fallback", "s1", store_uri, out=buf) == 1
     assert "FAIL  xformers reports backend `xformers` in every bf16 cell that ran (8 cells; other: sdpa-flash)" \
         in buf.getvalue()
     assert "xformers fell back because: xformers has no operator for these inputs: (test)" in buf.getvalue()
@@ -265,7 +258,7 @@ def test_summary_fails_when_xformers_fell_back_in_bf16(store_uri):
 def test_summary_counts_cells_the_deadline_stopped_as_not_reached(store_uri):
     _write_sweep(store_uri, "summary-cut", cut=1, never_started=2)
     buf = io.StringIO()
-    failed = _gpu_summary().summarize("summary-cut", "s1", store_uri, out=buf)
+    failed = gpu_summary.summarize("summary-cut", "s1", store_uri, out=buf)
     text = buf.getvalue()
     assert failed == 0, text
     assert "25 cells of 27 planned: " in text and "1 cut" in text
@@ -280,6 +273,14 @@ def test_summary_counts_cells_the_deadline_stopped_as_not_reached(store_uri):
     tr.log(run, params={"seq_len": 4096, "backbone.dtype": "bfloat16"})
     tr.end_run(run, "error")
     buf = io.StringIO()
-    assert _gpu_summary().summarize("summary-error", "s1", store_uri, out=buf) == 1
+    assert gpu_summary.summarize("summary-error", "s1", store_uri, out=buf) == 1
     assert "FAIL  no cell ended in error, timeout or divergence: performer n=4096 kernel error: RuntimeError: boom" \
         in buf.getvalue()
+
+
+def test_summary_command_line(store_uri, capsys):
+    _write_sweep(store_uri, "summary-cli")
+    assert gpu_summary.main(["summary", "--experiment", "summary-cli", "--uri", store_uri]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("result: 5/5 checks passed")
+    assert gpu_summary.main(["summary", "--experiment", "no-such-experiment", "--uri", store_uri]) == 1
+    assert "FAIL nothing to summarise: no MLflow experiment named 'no-such-experiment'" in capsys.readouterr().out

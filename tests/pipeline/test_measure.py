@@ -8,11 +8,11 @@ import time
 
 import pytest
 import torch
-from conftest import REPO
 
 from models.vanilla import VanillaAttention
 from pipeline.analytic import score_entries, score_macs
 from pipeline.measure import PeakMemory, count_flops, summarize, time_calls
+from tests.support import REPO
 
 
 def test_time_calls_meets_count_and_duration():

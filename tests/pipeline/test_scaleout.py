@@ -16,11 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
+from pipeline import record as R
 from pipeline.registry import discover_variants
 from pipeline.sweep import SWEEP_FILE
 from pipeline.tracking import Tracker
+from tests.support import REPO
 
 # The smoke grid's kernel cells (every variant) at a toy length, measured as briefly as the
 # kernel scenario allows: what is under test is where cells run and what reaches MLflow.
@@ -77,12 +78,12 @@ def _all_succeed(results: list[tuple[int, str]]) -> None:
 def _sweeps(tr: Tracker) -> dict[str, tuple]:
     """sweep_id -> (parent run, [child runs]), every run of the experiment accounted for."""
     runs = tr.search("")
-    parents = {r.data.tags["sweep_id"]: r for r in runs if r.data.tags.get("attnbench.role") == "sweep"}
+    parents = {r.data.tags[R.SWEEP_ID]: r for r in runs if r.data.tags.get(R.ROLE) == "sweep"}
     out = {sid: (p, []) for sid, p in parents.items()}
     for r in runs:
-        if r.data.tags.get("attnbench.role") == "sweep":
+        if r.data.tags.get(R.ROLE) == "sweep":
             continue
-        sid = r.data.tags.get("sweep_id")
+        sid = r.data.tags.get(R.SWEEP_ID)
         assert sid in out, f"run {r.info.run_name} belongs to no sweep: {r.data.tags}"
         assert r.data.tags.get("mlflow.parentRunId") == out[sid][0].info.run_id, r.info.run_name
         out[sid][1].append(r)
@@ -91,10 +92,10 @@ def _sweeps(tr: Tracker) -> dict[str, tuple]:
 
 def _assert_complete(parent, children, names: list[str]) -> None:
     """One FINISHED ok child per expected cell under a FINISHED ok parent: none lost, none twice."""
-    assert parent.info.status == "FINISHED" and parent.data.tags["status"] == "ok"
+    assert parent.info.status == "FINISHED" and parent.data.tags[R.STATUS] == "ok"
     assert sorted(c.info.run_name for c in children) == sorted(names)
     assert {c.info.status for c in children} == {"FINISHED"}
-    assert {c.data.tags["status"] for c in children} == {"ok"}
+    assert {c.data.tags[R.STATUS] for c in children} == {"ok"}
 
 
 def _free_port() -> int:
@@ -119,12 +120,12 @@ def test_submitit_local_jobs_record_every_cell(tmp_path, store_uri):
     _assert_complete(parent, children, [f"{v}-n32-kernel" for v in variants])
     assert (sweep_dir / SWEEP_FILE).exists()
     # one job process per cell, none of them the sweeping process
-    pids = {c.data.tags["pid"] for c in children}
-    assert len(pids) == len(variants) and parent.data.tags["pid"] not in pids
+    pids = {c.data.tags[R.PID] for c in children}
+    assert len(pids) == len(variants) and parent.data.tags[R.PID] not in pids
     # a submitit job folder with a result per cell
     assert len(list((sweep_dir / ".submitit").glob("*/*_result.pkl"))) == len(variants)
     # the measurement ran in the isolated child, which alone gets the allocator environment
-    assert "default" not in {c.data.tags["allocator"] for c in children}
+    assert "default" not in {c.data.tags[R.ALLOCATOR] for c in children}
 
 
 def test_slurm_launcher_writes_one_sbatch_array(tmp_path, store_uri):
@@ -163,7 +164,7 @@ def test_slurm_launcher_writes_one_sbatch_array(tmp_path, store_uri):
     # the refused submission is on the sweep's parent run; no cell ran
     (parent, children), = _sweeps(Tracker(store_uri, "slurm")).values()
     assert children == []
-    assert parent.info.status == "FAILED" and "nothing submitted" in parent.data.tags["failure_reason"]
+    assert parent.info.status == "FAILED" and "nothing submitted" in parent.data.tags[R.FAILURE_REASON]
 
 
 # ----------------------------------------------------------------------------- tracking server
@@ -243,7 +244,7 @@ def test_concurrent_sweeps_through_the_server(tmp_path, mlflow_server):
     assert len(sweeps) == 2
     for parent, children in sweeps.values():
         _assert_complete(parent, children, TWO_CELL_NAMES)
-    hashes = [c.data.tags["config_hash"] for _, cs in sweeps.values() for c in cs]
+    hashes = [c.data.tags[R.CONFIG_HASH] for _, cs in sweeps.values() for c in cs]
     assert len(set(hashes)) == 4, "the two seeds are different cells"
     assert tr.search("attributes.status = 'RUNNING'") == []
     run = sweeps[next(iter(sweeps))][1][0]

@@ -2,7 +2,7 @@
 process, and the relative difference of the two medians (forward and forward+backward).
 Exits 1 when a median of at least 5 ms differs by more than 10%.
 
-    .venv/bin/python scripts/repeatability.py [--lengths 2048 8192] [--experiment repeatability]
+    python -m pipeline.repeatability [--lengths 2048 8192] [--experiment repeatability]   (make repeatability)
 
 Both runs are recorded in MLflow (experiment `repeatability`, `overwrite=true` so the second is
 measured, not reused); the table printed last is what the closing figures quote.
@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hydra import compose, initialize_config_dir
-
+from pipeline import record as R
 from pipeline.cell import run_cell
-from pipeline.config import to_dict
-from pipeline.registry import CONF_DIR, discover_variants
+from pipeline.config import compose, to_dict
+from pipeline.registry import discover_variants
 from pipeline.tracking import Tracker, tracking_uri
 
 
@@ -31,24 +27,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     variants = args.variants or discover_variants()
     rows = []
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        for model in variants:
-            for n in args.lengths:
-                d = to_dict(compose(config_name="config", overrides=[
-                    f"model={model}", f"seq_len={n}", "backbone=small", "scenario=kernel",
-                    "overwrite=true", f"tracking.experiment={args.experiment}"]))
-                for _ in range(2):
-                    run_cell(d)
-                tr = Tracker(tracking_uri(None), args.experiment)
-                runs = tr.search(f"tags.model = '{model}' and params.seq_len = '{n}' and tags.status = 'ok'",
-                                 max_results=2)
-                for metric in ("kernel/fwd_ms", "kernel/fwdbwd_ms"):
-                    vals = [r.data.metrics.get(metric) for r in reversed(runs)]
-                    if len(vals) < 2 or None in vals:
-                        rows.append((model, n, metric, None, None, None))
-                        continue
-                    a, b = vals
-                    rows.append((model, n, metric, a, b, abs(a - b) / min(a, b)))
+    for model in variants:
+        for n in args.lengths:
+            d = to_dict(compose([f"model={model}", f"seq_len={n}", "backbone=small", "scenario=kernel",
+                                 "overwrite=true", f"tracking.experiment={args.experiment}"]))
+            for _ in range(2):
+                run_cell(d)
+            tr = Tracker(tracking_uri(None), args.experiment)
+            runs = tr.search(f"tags.{R.MODEL} = '{model}' and params.{R.SEQ_LEN} = '{n}' and tags.{R.STATUS} = 'ok'",
+                             max_results=2)
+            for metric in (R.KERNEL_FWD_MS, R.KERNEL_FWDBWD_MS):
+                vals = [r.data.metrics.get(metric) for r in reversed(runs)]
+                if len(vals) < 2 or None in vals:
+                    rows.append((model, n, metric, None, None, None))
+                    continue
+                a, b = vals
+                rows.append((model, n, metric, a, b, abs(a - b) / min(a, b)))
     print(f"\n{'variant':<12} {'n':>6} {'median of':<17} {'run 1 ms':>10} {'run 2 ms':>10} {'diff':>7}")
     judged = within = 0
     for model, n, metric, a, b, rel in rows:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from pipeline import record as R
 from pipeline.tasks import (
     IGNORE,
     MQAR,
@@ -192,8 +193,8 @@ def test_fidelity_inputs_hit_the_score_std():
     task = Fidelity(score_std=2.0)
     x = task.inputs(ref, 1, 512, seed=0, device="cpu")
     m = task.evaluate(ref, ref, x)
-    assert m["quality/score_std"] == pytest.approx(2.0, rel=1e-3)
-    assert m["quality/rel_err_vs_exact"] == 0.0
+    assert m[R.QUALITY_SCORE_STD] == pytest.approx(2.0, rel=1e-3)
+    assert m[R.QUALITY_REL_ERR_VS_EXACT] == 0.0
     # peaked: a query spreads over far fewer keys than the ~n/2 of uniform causal weights
-    assert m["quality/attn_eff_keys"] < 0.2 * 512 / 2
-    assert 0.5 < m["quality/rel_err_uniform_mean"] <= 1.5
+    assert m[R.QUALITY_ATTN_EFF_KEYS] < 0.2 * 512 / 2
+    assert 0.5 < m[R.QUALITY_REL_ERR_UNIFORM_MEAN] <= 1.5

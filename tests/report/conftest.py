@@ -1,9 +1,10 @@
-"""A small MLflow store shaped like a real sweep, with known answers, for the report tests.
+"""Fixtures of the report tests: a small MLflow store shaped like a real sweep, with known
+answers, and one report built from it.
 
-Power laws are exact so fits and crossovers have closed-form answers (see EXPECTED below):
+Power laws are exact so fits and crossovers have closed-form answers (`store.expected`):
 vanilla forward = 2e-6·n² ms, xformers 1e-6·n², longformer 4e-3·n, performer 5e-2·n.
 
-    store = build_fixture_store(tmp_path)    # -> FixtureStore(uri, experiment, sweep_id, ...)
+    def test_x(store, built): store.uri, store.kernel, store.expected; path, md, html = built
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
+
 EXPERIMENT = "fixture"
 SWEEP = "sweep-a"
 OLD_SWEEP = "sweep-old"
 D, H, B = 64, 2, 1
 LENGTHS = (256, 512, 1024, 2048, 4096)
 GEMM_PEAK = 1.0  # TFLOP/s
+BUDGET_MB = 2048.0  # the budget pre-flight logs (budget_mem_mb) on every kernel cell
 T0 = 1_700_000_000_000  # ms; every run gets T0 + its creation index, so "latest" is well defined
 
 # (exact, forward ms coefficient, exponent, forward memory MB coefficient, memory exponent, window)
@@ -34,6 +38,8 @@ EXPECTED = {
     ("longformer", "vanilla", "mem"): 625.0,
     # memory wall of vanilla at 1 GB: 1.6e-5 n² = 1024
     ("vanilla", "wall_1gb"): 8000.0,
+    # and at the logged 2 GiB budget: 1.6e-5 n² = 2048
+    ("vanilla", "wall_logged"): (2048 / 1.6e-5) ** 0.5,
 }
 # quality of the mqar cells (seed 0, seed 1), training throughput (tokens/s at n=64), base peak MB
 MQAR = {
@@ -64,6 +70,8 @@ class FixtureStore:
     sweep_cells: int  # child runs of the sweep plus the reused one
     experiment_cells: int  # cells a no-sweep report keeps (latest per config_hash)
     failures: dict[str, tuple[str, str]] = field(default_factory=dict)  # run_id -> (status, reason)
+    kernel: dict = field(default_factory=lambda: dict(KERNEL))  # model -> (exact, coefficients, orders)
+    expected: dict = field(default_factory=lambda: dict(EXPECTED))  # closed-form answers
 
 
 class _Writer:
@@ -200,13 +208,13 @@ def build_fixture_store(root: Path) -> FixtureStore:
             **_common_tags("longformer", "kernel", "mqar", 256, "ok", OLD_SWEEP),
             "backend": "longformer-blockwise",
         },
-        {**_params("longformer", "kernel", "mqar", 256), "gemm_peak_tflops": GEMM_PEAK},
+        {**_params("longformer", "kernel", "mqar", 256), "gemm_peak_tflops": GEMM_PEAK, "budget_mem_mb": BUDGET_MB},
         _kernel_metrics("longformer", 256),
     )
     superseded = w.run(
         "vanilla-n512-kernel",
         {**_common_tags("vanilla", "kernel", "mqar", 512, "ok", OLD_SWEEP), "backend": "math"},
-        {**_params("vanilla", "kernel", "mqar", 512), "gemm_peak_tflops": GEMM_PEAK},
+        {**_params("vanilla", "kernel", "mqar", 512), "gemm_peak_tflops": GEMM_PEAK, "budget_mem_mb": BUDGET_MB},
         {**_kernel_metrics("vanilla", 512), "kernel/fwd_ms": 99.0},
     )
     old_cells = 2
@@ -240,6 +248,7 @@ def build_fixture_store(root: Path) -> FixtureStore:
         params = _params(model, scenario, task, n, seed, ckpt)
         if scenario == "kernel":
             params["gemm_peak_tflops"] = GEMM_PEAK
+            params["budget_mem_mb"] = BUDGET_MB
         name = f"{model}-n{n}-{scenario}" + ("-ckpt" if ckpt else "")
         rid = w.run(name, tags, params, metrics or {}, history, parent=parent)
         cells += 1
@@ -346,4 +355,23 @@ def build_fixture_store(root: Path) -> FixtureStore:
         sweep_cells=cells + 1,
         experiment_cells=cells + old_cells - 1,
         failures=failures,
+    )
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> FixtureStore:
+    return build_fixture_store(tmp_path_factory.mktemp("store"))
+
+
+@pytest.fixture(scope="module")
+def built(store, tmp_path_factory):
+    """The report of the fixture sweep (budget 1 GB): (folder, report.md text, report.html text)."""
+    from pipeline.report import build_report
+
+    out = tmp_path_factory.mktemp("report")
+    path = build_report(store.experiment, store.sweep_id, out, budget_gb=1.0, tracking_uri=store.uri)
+    return (
+        path,
+        (path / "report.md").read_text(encoding="utf-8"),
+        (path / "report.html").read_text(encoding="utf-8"),
     )

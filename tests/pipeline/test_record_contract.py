@@ -1,0 +1,72 @@
+"""The record is a contract: the same sweep writes the same run names, param, tag and metric keys
+and config hashes as the fixture taken from the code before the record's names moved into
+pipeline/record.py (tests/fixtures/record_contract_smoke.json, from `grid=smoke`)."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from pipeline import record as R
+from pipeline.registry import REPO_ROOT
+from tests.support import run_cli
+
+FIXTURE = REPO_ROOT / "tests" / "fixtures" / "record_contract_smoke.json"
+
+
+def contract(uri: str) -> dict[str, dict]:
+    """Per run name (the parent's without its sweep id): sorted keys, status and config_hash."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("attnbench")
+    out = {}
+    for r in client.search_runs([exp.experiment_id], max_results=1000):
+        name = r.info.run_name
+        if r.data.tags.get(R.ROLE) == R.ROLE_SWEEP:
+            name = re.sub(r"-\d{8}-\d{6}-[0-9a-f]{6}$", "", name)
+        tags = sorted(re.sub(rf"^{R.REUSED_PREFIX}.*", f"{R.REUSED_PREFIX}<hash>", k)
+                      for k in r.data.tags if not k.startswith("mlflow."))
+        out[name] = {"params": sorted(r.data.params), "tags": tags, "metrics": sorted(r.data.metrics),
+                     "status": r.data.tags.get(R.STATUS), "config_hash": r.data.tags.get(R.CONFIG_HASH)}
+    return out
+
+
+def _sweep(tmp_path, *args: str) -> dict[str, dict]:
+    uri = f"sqlite:///{tmp_path / 'c.db'}"
+    r = run_cli(["-m", "grid=smoke", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'mr'}", *args], timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return contract(uri)
+
+
+def _same(got: dict, want: dict) -> None:
+    for name, rec in want.items():
+        assert name in got, f"run {name} missing"
+        for key in ("params", "tags", "metrics", "status", "config_hash"):
+            if key == "metrics":  # the mixing core's time is written only where it is more than noise
+                optional = set(R.KERNEL_MIXING_ONLY_WHEN_MEASURABLE)
+                got[name][key] = sorted(set(got[name][key]) - optional)
+                rec = {**rec, key: sorted(set(rec[key]) - optional)}
+            assert got[name][key] == rec[key], f"{name}: {key} differ: +{set(got[name][key]) - set(rec[key])} " \
+                                               f"-{set(rec[key]) - set(got[name][key])}"
+
+
+def test_one_variant_of_the_smoke_sweep_keeps_the_contract(tmp_path):
+    """The smoke grid's vanilla cells (kernel, full, train with checkpointing off and on), inline."""
+    want = json.loads(FIXTURE.read_text())
+    got = _sweep(tmp_path, "model=vanilla", "isolate=false", "hydra.sweeper.report=false")
+    vanilla = {k: v for k, v in want.items() if k.startswith("vanilla-")}
+    assert set(got) == set(vanilla) | {"sweep-smoke"}
+    _same(got, vanilla)
+    parent = dict(want["sweep-smoke"])  # no report asked for: no report_dir tag
+    parent["tags"] = [t for t in parent["tags"] if t != R.REPORT_DIR]
+    _same({"sweep-smoke": got["sweep-smoke"]}, {"sweep-smoke": parent})
+
+
+@pytest.mark.slow
+def test_the_smoke_sweep_keeps_the_contract(tmp_path):
+    want = json.loads(FIXTURE.read_text())
+    got = _sweep(tmp_path)
+    assert set(got) == set(want)
+    _same(got, want)

@@ -1,0 +1,25 @@
+"""Test helpers (plain functions, imported as `from tests.support import compose`): Hydra
+composition of the real config tree and the command line, as a user would run them."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from pipeline.registry import REPO_ROOT as REPO
+
+
+def compose(overrides: list[str]):
+    """The real config tree, composed as `python -m pipeline.run <overrides>` would."""
+    from pipeline.config import compose as compose_cell
+
+    return compose_cell(overrides)
+
+
+def run_cli(args: list[str], env: dict | None = None, cwd: Path | None = None, timeout: int = 300):
+    import subprocess
+
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=cwd or REPO, env=e,
+                          capture_output=True, text=True, timeout=timeout)
