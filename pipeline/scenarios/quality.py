@@ -157,8 +157,8 @@ def fidelity(w: Workload, device, result: CellResult, task) -> None:
     Variants that do not approximate attention (`is_attention` false) get no figure, and a
     `quality_note` tag saying why. The reference runs at the full length: it holds ~3 (B, H, T, T)
     float32 tensors, 1.6 GB at T=8192 with 2 heads."""
+    from pipeline.fidelity import copy_shared_weights
     from pipeline.registry import build_mixer, load_variant_cfg
-    from pipeline.tasks import copy_shared_weights
 
     bb, B, T = w.backbone, w.batch_size, w.seq_len
     torch.manual_seed(w.seed)

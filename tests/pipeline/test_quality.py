@@ -194,7 +194,7 @@ def test_fidelity_full_also_times_inference():
 def test_fidelity_refuses_mismatched_weights():
     from torch import nn
 
-    from pipeline.tasks import copy_shared_weights
+    from pipeline.fidelity import copy_shared_weights
 
     class Other(nn.Module):
         def __init__(self):

@@ -8,15 +8,13 @@ import pytest
 import torch
 
 from pipeline import record as R
+from pipeline.fidelity import Fidelity, effective_keys, uniform_average
 from pipeline.tasks import (
     IGNORE,
     MQAR,
     CodeLM,
-    Fidelity,
     build_task,
-    effective_keys,
     stdlib_files,
-    uniform_average,
     unigram_entropy_bits,
 )
 
