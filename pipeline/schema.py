@@ -89,27 +89,32 @@ class KernelScenario(_Timed):
 
 
 @dataclass
-class TrainScenario:
+class _Steps:
+    warmup_steps: int = _f(10, TIMING, "first training steps left out of train/step_ms", "non_negative")
+
+
+@dataclass
+class _Batches:
+    warmup: int = _f(2, TIMING, "predict batches left out of infer/latency_ms", "non_negative")
+    batches: int = _f(20, TIMING, "timed predict batches", "positive")
+
+
+@dataclass
+class TrainScenario(_Steps):
     name: str = _f("train", AXIS, "what the cell measures")
     uses_task: bool = _f(True, TIMING, "trains on the task")
-    warmup_steps: int = _f(10, TIMING, "first training steps left out of train/step_ms", "non_negative")
 
 
 @dataclass
-class InferScenario:
+class InferScenario(_Batches):
     name: str = _f("infer", AXIS, "what the cell measures")
     uses_task: bool = _f(True, TIMING, "predicts on the task's inputs")
-    warmup: int = _f(2, TIMING, "predict batches left out of infer/latency_ms", "non_negative")
-    batches: int = _f(20, TIMING, "timed predict batches", "positive")
 
 
 @dataclass
-class FullScenario:
+class FullScenario(_Steps, _Batches):
     name: str = _f("full", AXIS, "what the cell measures")
     uses_task: bool = _f(True, TIMING, "trains on the task, then predicts")
-    warmup_steps: int = _f(10, TIMING, "first training steps left out of train/step_ms", "non_negative")
-    warmup: int = _f(2, TIMING, "predict batches left out of infer/latency_ms", "non_negative")
-    batches: int = _f(20, TIMING, "timed predict batches", "positive")
 
 
 @dataclass

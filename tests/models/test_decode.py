@@ -11,13 +11,13 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.base import SequenceMixer
 from models.lm import TokenModel
 from models.longformer import LongformerAttention
 from models.performer import PerformerAttention
 from pipeline.registry import build_mixer, discover_variants, load_variant_cfg, mixer_factory
+from tests.support import ShapeRecorder
 
 VARIANTS = discover_variants()
 D, H = 32, 4
@@ -337,21 +337,6 @@ def test_check_decode_names_a_variant_without_step_and_a_context_limit(monkeypat
 
 
 # ----------------------------------------------------------------- no n x n in decoding
-class ShapeRecorder(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: list[tuple[str, tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append((str(func), tuple(t.shape)))
-        return out
-
-
 @pytest.mark.parametrize("name", VARIANTS)
 def test_decoding_builds_no_n_by_n_tensor(name):
     """Prefill of n tokens and steps after it, with the shipped knobs: no tensor with two

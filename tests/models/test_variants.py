@@ -10,7 +10,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from models.longformer import LongformerAttention, pattern_pairs
 from models.performer import PerformerAttention, decayed_prefix
@@ -18,6 +17,7 @@ from models.ssm import S4DMixer
 from models.vanilla import VanillaAttention
 from models.xformers_attn import XformersAttention, load_xformers_ops
 from pipeline.registry import build_mixer, discover_variants, load_variant_cfg
+from tests.support import ShapeRecorder
 
 VARIANTS = discover_variants()
 D, H = 32, 4
@@ -408,21 +408,6 @@ def test_ssm_fft_equals_recurrence(causal, T):
 
 
 # --------------------------------------------------------------- no T x T tensors
-class ShapeRecorder(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: list[tuple[str, tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append((str(func), tuple(t.shape)))
-        return out
-
-
 def quadratic_tensors(m, T: int, d: int) -> list[tuple[str, tuple[int, ...]]]:
     """Tensors with two trailing dims >= T, or as many elements as a (T, T) score matrix."""
     x = torch.randn(1, T, d, requires_grad=True)
