@@ -15,6 +15,7 @@ import pandas as pd
 from pipeline import record as R
 from pipeline.registry import REPO_ROOT
 from pipeline.report import sections as S
+from pipeline.report.decoding import section_decoding
 from pipeline.report.document import Doc
 from pipeline.report.figures import variant_colours
 from pipeline.report.lines import MODEL, kernel_lines, quality_groups
@@ -31,7 +32,7 @@ def build_report(experiment: str, sweep_id: str | None = None, out_dir: Path | N
     """Read the runs, write report.md, report.html, results.csv and the figures; returns the
     output folder (default reports/<experiment>/<date>-<device>/ under the repo, with the
     sweep's grid appended for a sweep, so two sweeps of a day do not overwrite each other).
-    `budget_gb` overrides the memory budget the cells logged (section 5)."""
+    `budget_gb` overrides the memory budget the cells logged (section 5 and Decoding)."""
     table = load_runs(experiment, sweep_id, tracking_uri)
     cells = table.frame
     if out_dir is None:
@@ -54,6 +55,7 @@ def build_report(experiment: str, sweep_id: str | None = None, out_dir: Path | N
     S.section_crossover(doc, lines)
     S.section_theory(doc, lines, colours, out_dir)
     S.section_memory_wall(doc, lines, budget_gb)
+    section_decoding(doc, kernel_lines(cells, "decode"), budget_gb, colours, out_dir)  # none: no section
     S.section_failures(doc, cells)
     S.section_provenance(doc, cells)
 

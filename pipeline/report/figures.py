@@ -1,6 +1,7 @@
 """The report's figures, matplotlib only (no pyplot, no global state): scaling curves with their
-fitted slopes, FLOPs against the machine's peak, quality-vs-cost Pareto panels and the
-checkpointing bars. Each plot function writes one PNG and returns its path (None: nothing to draw).
+fitted slopes (kernel and decode lines), FLOPs against the machine's peak, quality-vs-cost
+Pareto panels and the checkpointing bars. Each plot function writes one PNG and returns its
+path (None: nothing to draw).
 
     plot_scaling(lines, R.KERNEL_FWD_MS, "ms", "Forward time", variant_colours(models), out / "t.png")
 """
@@ -49,19 +50,26 @@ def _styles(lines: list[Line]) -> dict[str, str]:
             for ln in lines}
 
 
-def _guides(ax, n_lo: float, n_hi: float, y_anchor: float) -> None:
-    """O(n) and O(n²) reference lines through (n_lo, y_anchor)."""
+_GUIDE_NAMES = {0: "O(1)", 1: "O(n)", 2: "O(n²)"}
+_GUIDE_DASHES = {0: (0, (6, 2)), 1: (0, (4, 3)), 2: (0, (1, 2))}
+
+
+def _guides(ax, n_lo: float, n_hi: float, y_anchor: float, orders: tuple[int, ...] = (1, 2)) -> None:
+    """Reference lines n^order (default O(n) and O(n²)) through (n_lo, y_anchor)."""
     xs = np.array([n_lo, n_hi])
-    for order, name in ((1, "O(n)"), (2, "O(n²)")):
+    for order in orders:
+        name = _GUIDE_NAMES.get(order, f"O(n^{order})")
         ys = y_anchor * (xs / n_lo) ** order
-        ax.plot(xs, ys, color="0.55", lw=1, ls=(0, (4, 3)) if order == 1 else (0, (1, 2)), zorder=0)
+        ax.plot(xs, ys, color="0.55", lw=1, ls=_GUIDE_DASHES.get(order, (0, (2, 2))), zorder=0)
         ax.annotate(name, (xs[1], ys[1]), textcoords="offset points", xytext=(-2, 3), fontsize=8,
                     color="0.35", ha="right", va="bottom")
 
 
 def plot_scaling(lines: list[Line], metric: str, ylabel: str, title: str, colours: dict,
-                 path: Path) -> Path | None:
-    """Log-log metric vs n, one line per kernel line, fitted exponent in the legend, guides."""
+                 path: Path, xlabel: str = "sequence length n (tokens)",
+                 guides: tuple[int, ...] = (1, 2)) -> Path | None:
+    """Log-log metric vs n, one line per (kernel or decode) line, fitted exponent in the legend,
+    n^order guides through the smallest length (`guides`, default O(n) and O(n²))."""
     fig, (ax,) = _new_figure()
     styles = _styles(lines)
     xs_all, ys_at_min = [], []
@@ -79,10 +87,10 @@ def plot_scaling(lines: list[Line], metric: str, ylabel: str, title: str, colour
         return None
     n_lo, n_hi = min(xs_all), max(xs_all)
     anchor = float(np.exp(np.median([np.log(y) for x, y in ys_at_min if x == n_lo])))
-    _guides(ax, n_lo, n_hi, anchor)
+    _guides(ax, n_lo, n_hi, anchor, guides)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set_xlabel("sequence length n (tokens)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)

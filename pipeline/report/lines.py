@@ -1,5 +1,5 @@
-"""Cells grouped into what the report compares: kernel lines (a variant at fixed values of every
-other line axis, across lengths), quality groups (seeds averaged), Pareto panels, checkpointing
+"""Cells grouped into what the report compares: kernel and decode lines (a variant at fixed values
+of every other line axis, across lengths), quality groups (seeds averaged), Pareto panels, checkpointing
 on/off pairs, and the memory budget a line was judged against.
 
     lines = kernel_lines(table.frame); lines[0].fit(R.KERNEL_FWD_MS).exponent
@@ -75,7 +75,7 @@ def label(model: str, axis_values: dict[str, Any]) -> str:
 
 @dataclass
 class Line:
-    """One measured line of the kernel scenario: a variant at fixed values of every other axis."""
+    """One measured line of a scenario (kernel, decode): a variant at fixed values of every other axis."""
 
     model: str
     axes: dict[str, Any]
@@ -105,9 +105,10 @@ class Line:
         return {k: str(v) for k, v in self.axes.items()} == {k: str(v) for k, v in other.axes.items()}
 
 
-def kernel_lines(cells: pd.DataFrame) -> list[Line]:
-    """The kernel cells as lines, sorted by variant and axis values."""
-    k = cells[cells[SCENARIO] == "kernel"]
+def kernel_lines(cells: pd.DataFrame, scenario: str = "kernel") -> list[Line]:
+    """The cells of one scenario (kernel by default; decode has the same shape: a variant
+    across lengths) as lines, sorted by variant and axis values."""
+    k = cells[cells[SCENARIO] == scenario]
     if k.empty or SEQ_LEN not in k:
         return []
     axes = varying_axes(k)

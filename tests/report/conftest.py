@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import record as R
+
 EXPERIMENT = "fixture"
 SWEEP = "sweep-a"
 OLD_SWEEP = "sweep-old"
@@ -58,6 +60,27 @@ BACKEND = {
 CKPT_ON = {"vanilla": (60.0, 65.0), "longformer": (75.0, 60.0)}  # saves 40% / 25%, adds 30% / 20%
 FIDELITY = {"vanilla": 0.0, "xformers": 1e-6, "longformer": 0.3, "performer": 0.2}
 
+# decode cells: (ms per token coefficient c, exponent: ms = c·n^e; analytic state MiB per token
+# held (n + k) when the state grows, else the constant state MiB; whether it grows)
+DECODE_LENGTHS = (512, 1024, 2048, 4096, 8192)
+DECODE_K = 32  # scenario.new_tokens
+DECODE = {
+    "vanilla": (1e-4, 1, 1 / 2048, True),  # KV cache 2·D·4 B = 512 B per token
+    "xformers": (5e-5, 1, 1 / 2048, True),
+    "longformer": (0.2, 0, 1.0, False),
+    "performer": (0.4, 0, 0.25, False),
+}
+EXPECTED.update({
+    # per-token crossings: 1e-4 n = 0.2, 5e-5 n = 0.2, 1e-4 n = 0.4, 5e-5 n = 0.4
+    ("longformer", "vanilla", "decode"): 2000.0,
+    ("longformer", "xformers", "decode"): 4000.0,
+    ("performer", "vanilla", "decode"): 4000.0,
+    ("performer", "xformers", "decode"): 8000.0,
+    # tokens an exact cache holds at the budget: budget MiB · 2048 tokens per MiB
+    ("vanilla", "decode_context_logged"): BUDGET_MB * 2048,
+    ("vanilla", "decode_context_1gb"): 1024 * 2048.0,
+})
+
 
 @dataclass
 class FixtureStore:
@@ -71,6 +94,7 @@ class FixtureStore:
     experiment_cells: int  # cells a no-sweep report keeps (latest per config_hash)
     failures: dict[str, tuple[str, str]] = field(default_factory=dict)  # run_id -> (status, reason)
     kernel: dict = field(default_factory=lambda: dict(KERNEL))  # model -> (exact, coefficients, orders)
+    decode: dict = field(default_factory=dict)  # model -> DECODE's entry; empty: no decode cells
     expected: dict = field(default_factory=lambda: dict(EXPECTED))  # closed-form answers
 
 
@@ -195,7 +219,26 @@ def _kernel_metrics(model: str, n: int) -> dict:
     return m
 
 
-def build_fixture_store(root: Path) -> FixtureStore:
+def _decode_metrics(model: str, n: int) -> dict:
+    c, e, state, grows = DECODE[model]
+    ms = c * n**e
+    state_mb = state * (n + DECODE_K) if grows else state
+    m = {
+        R.DECODE_MS_PER_TOKEN: ms,
+        R.DECODE_MS_PER_TOKEN_IQR: 0.05 * ms,
+        R.DECODE_TOKENS_PER_S: B / (ms * 1e-3),
+        R.DECODE_PREFILL_MS: 1e-3 * n,
+        R.DECODE_STATE_MB: state_mb,
+        R.DECODE_STATE_MB_ANALYTIC: state_mb,
+        R.DECODE_PEAK_MEM_MB: 2 * state_mb,
+    }
+    if grows:  # the cell's own bisection at the logged budget; absent for a constant state
+        m[R.DECODE_CONTEXT_AT_BUDGET] = BUDGET_MB / state
+    return m
+
+
+def build_fixture_store(root: Path, decode: bool = True) -> FixtureStore:
+    """The store; decode=False leaves out the decode cells (a sweep without them)."""
     uri = f"sqlite:///{Path(root).resolve() / 'fixture.db'}"
     w = _Writer(uri)
     failures: dict[str, tuple[str, str]] = {}
@@ -236,6 +279,7 @@ def build_fixture_store(root: Path) -> FixtureStore:
         backend=None,
         history=None,
         extra_tags=None,
+        extra_params=None,
     ):
         nonlocal cells
         tags = _common_tags(model, scenario, task, n, status, SWEEP)
@@ -249,6 +293,7 @@ def build_fixture_store(root: Path) -> FixtureStore:
         if scenario == "kernel":
             params["gemm_peak_tflops"] = GEMM_PEAK
             params["budget_mem_mb"] = BUDGET_MB
+        params.update(extra_params or {})
         name = f"{model}-n{n}-{scenario}" + ("-ckpt" if ckpt else "")
         rid = w.run(name, tags, params, metrics or {}, history, parent=parent)
         cells += 1
@@ -345,6 +390,10 @@ def build_fixture_store(root: Path) -> FixtureStore:
                     "val/acc": MQAR[model][0][0],
                 },
             )
+    for model in DECODE if decode else ():
+        for n in DECODE_LENGTHS:
+            cell(model, "decode", "mqar", n, metrics=_decode_metrics(model, n),
+                 extra_params={"scenario.new_tokens": DECODE_K, R.BUDGET_MEM_MB: BUDGET_MB})
     return FixtureStore(
         uri=uri,
         experiment=EXPERIMENT,
@@ -355,6 +404,7 @@ def build_fixture_store(root: Path) -> FixtureStore:
         sweep_cells=cells + 1,
         experiment_cells=cells + old_cells - 1,
         failures=failures,
+        decode=dict(DECODE) if decode else {},
     )
 
 
