@@ -17,7 +17,7 @@ ARGS    ?=
 PARTITION ?=
 PORT    ?= 5000
 
-.PHONY: help install test test-all smoke sweep complexity repeatability report ui server submit gpu-wheels gpu-check lint clean
+.PHONY: help install test test-all smoke sweep complexity repeatability overhead report ui server submit gpu-wheels gpu-check lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -53,10 +53,14 @@ complexity: install ## every variant's kernel at n = 1024 ... 16384 (scaling exp
 repeatability: install ## the same kernel cells twice in a row: how far apart the medians land
 	$(BIN)/python -m pipeline.repeatability $(ARGS)
 
+overhead: install ## the harness's per-cell overhead, spawn vs fork, and the pipeline's figures against a bare loop
+	$(BIN)/python -m pipeline.overhead $(ARGS)
+
 report: install ## report of experiment EXP (latest run per cell) into reports/
 	$(BIN)/python -m pipeline.report --experiment $(EXP) $(ARGS)
 
-ui: install ## MLflow UI on 127.0.0.1:$(PORT) over the project's store
+ui: install ## MLflow UI on 127.0.0.1:$(PORT) over the project's store; prints the latest sweep's addresses
+	-$(BIN)/python -m pipeline.ui --experiment $(EXP) --port $(PORT)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}
 
 server: install ## MLflow tracking server on 127.0.0.1:$(PORT) for many writers (MLFLOW_BACKEND_STORE_URI, MLFLOW_HOST: docs/scaling_out.md)

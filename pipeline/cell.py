@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline import record as R
 from pipeline import tracking
 from pipeline.config import config_hash, family_hash, flatten, validate
-from pipeline.isolation import run_isolated
+from pipeline.isolation import isolation_mode, run_isolated
+from pipeline.progress import Progress
 from pipeline.registry import cache_dir
 from pipeline.scenarios.base import CellResult
 
@@ -30,13 +32,28 @@ from pipeline.scenarios.base import CellResult
 class SweepInfo:
     sweep_id: str
     parent_run_id: str
+    index: int = -1  # this cell's place in the sweep (hydra.job.num)
+    sweep_dir: str | None = None  # where progress.log goes
+    started: float = 0.0  # the sweep's start (epoch seconds)
+    plan: list = field(default_factory=list)  # every cell's {scenario, units} (pipeline/progress.py)
+
+    def progress(self) -> Progress | None:
+        return Progress(self.sweep_dir, self.plan, self.started) if self.sweep_dir else None
+
+
+@functools.lru_cache(maxsize=4)
+def _tracker(uri: str, experiment: str) -> tracking.Tracker:
+    """One client per store and experiment in this process: the sweep's cells share it."""
+    return tracking.Tracker(uri, experiment)
 
 
 def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = False) -> str:
     """Run and record one cell; returns its status. Raises only for bad config or tracking."""
+    t_start = time.perf_counter()
     validate(d)
     tcfg = d.get("tracking") or {}
-    tr = tracking.Tracker(tracking.tracking_uri(tcfg.get("uri")), tcfg.get("experiment", "attnbench"))
+    tr = _tracker(tracking.tracking_uri(tcfg.get("uri")), tcfg.get("experiment", "attnbench"))
+    progress = sweep.progress() if sweep else None
     h, fam = config_hash(d), family_hash(d)
     name = tracking.run_name(d)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -44,9 +61,13 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
     if not d.get("overwrite"):
         prev = tr.find_reusable(h)
         if prev is not None:
-            say(f"[attnbench] {name}: reusing finished run {prev.info.run_id} (config_hash {h}; overwrite=true reruns)")
             if sweep:
                 tr.set_tag(sweep.parent_run_id, f"{R.REUSED_PREFIX}{h}", prev.info.run_id)
+            if progress:
+                say(progress.finished(sweep.index, name, "ok", time.perf_counter() - t_start, prev.data.metrics,
+                                      reused=True) + f"  (run {prev.info.run_id})")
+            else:
+                say(f"[attnbench] {name}: reusing finished run {prev.info.run_id} (config_hash {h}; overwrite=true reruns)")
             return "ok"
 
     tags = {
@@ -61,15 +82,21 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
         tr.log_json(run_id, d, "config.json")
         result = _skip_after_oom(tr, d, sweep, fam)
         if result is None:
-            with device_lock(d, say):
+            with device_lock(d, say) as waited:
+                t_start += waited()  # another cell's measurement is not this cell's overhead
                 t0 = time.perf_counter()
                 if d.get("isolate", True):
                     result = run_isolated(d)
+                    result.tags[R.ISOLATION] = isolation_mode(d)
                 else:
                     from pipeline.execute import execute  # inline: this process measures (torch)
 
                     result = execute(d)
+                    result.tags[R.ISOLATION] = "inline"
                 result.metrics.setdefault(R.CELL_WALL_S, time.perf_counter() - t0)
+        scenario_s = result.metrics.get(R.CELL_SCENARIO_S)
+        if scenario_s is not None:  # up to the record; the record itself is a few writes more
+            result.metrics[R.CELL_OVERHEAD_S] = time.perf_counter() - t_start - scenario_s
         _record(tr, run_id, result)
     except BaseException as e:  # interrupted (Ctrl-C) or the tracker failed mid-way: leave no RUNNING run
         try:
@@ -78,10 +105,14 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
             tr.end_run(run_id, "error")
         finally:
             raise
-    msg = f"[attnbench] {name}: {result.status}"
-    if result.failure_reason:
-        msg += f" ({result.failure_reason})"
-    say(msg)
+    if progress:
+        say(progress.finished(sweep.index, name, result.status, time.perf_counter() - t_start, result.metrics,
+                              reason=result.failure_reason))
+    else:
+        msg = f"[attnbench] {name}: {result.status}"
+        if result.failure_reason:
+            msg += f" ({result.failure_reason})"
+        say(msg)
     return result.status
 
 
@@ -89,7 +120,8 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
 def device_lock(d: dict[str, Any], say=print):
     """One measuring cell per device of a host at a time: parallel jobs (submitit arrays, several
     sweeps) would otherwise share cores or a GPU and distort each other's timings. An advisory
-    `flock` on a file named after the host and device; released when the cell ends or dies."""
+    `flock` on a file named after the host and device; released when the cell ends or dies.
+    Yields a function giving the seconds spent waiting for the lock."""
 
     tr = d.get("trainer") or {}
     if tr.get("accelerator") in ("gpu", "cuda"):
@@ -101,14 +133,16 @@ def device_lock(d: dict[str, Any], say=print):
         device = "cpu"
     path = cache_dir() / f"device-{socket.gethostname()}-{device}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     with open(path, "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             say(f"[attnbench] waiting for another cell measuring on {device} ({path})")
             fcntl.flock(f, fcntl.LOCK_EX)
+        waited = time.perf_counter() - t0
         try:
-            yield
+            yield lambda: waited
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 

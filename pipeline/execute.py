@@ -10,6 +10,7 @@ pipeline/cell.py; this module is imported only where the cell measures.
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from typing import Any
 
@@ -47,7 +48,11 @@ def execute(d: dict[str, Any]) -> CellResult:
         result.params.update(plan.params())
         if plan.skip_reason:
             raise SkipCell(plan.skip_reason)
-        load_all()[sc.name](sc, w, plan, device, result)
+        t0 = time.perf_counter()
+        try:
+            load_all()[sc.name](sc, w, plan, device, result)
+        finally:
+            result.metrics[R.CELL_SCENARIO_S] = time.perf_counter() - t0
     except SkipCell as e:
         result.status, result.failure_reason = "skipped", str(e)
     except Diverged as e:

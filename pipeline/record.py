@@ -111,6 +111,11 @@ TIME_ORDER = _tag("time_order", "the variant's promised time order in n, e.g. n^
 MEMORY_ORDER = _tag("memory_order", "the variant's promised memory order in n")
 CAPABILITY_TAGS = (EXACT, IS_ATTENTION, MATERIALISES_SCORES, TIME_ORDER, MEMORY_ORDER)
 
+# ---------------------------------------------------------------- the experiment
+# MLflow 3's UI opens an experiment by its kind: a model-training one on its runs table
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND_TRAINING = "custom_model_development"
+
 # ---------------------------------------------------------------- statuses
 STATUSES = ("ok", "oom", "timeout", "error", "diverged", "skipped")
 RUNNING = "running"
@@ -187,6 +192,9 @@ PREFILL_BACKEND = _tag("prefill_backend", "the kernel the decode scenario's pref
 
 # ---------------------------------------------------------------- metrics: the harness
 CELL_WALL_S = _metric("cell/wall_s", "s", "wall time of the cell, process start to result")
+CELL_SCENARIO_S = _metric("cell/scenario_s", "s", "time inside the scenario function (the measurement itself)")
+CELL_OVERHEAD_S = _metric("cell/overhead_s", "s", "the cell's wall time, validation to record, minus cell/scenario_s")
+ISOLATION = _tag("isolation", "how the cell's process was started: fork (warm server), spawn, or inline")
 
 # ---------------------------------------------------------------- params written by the cell
 BUDGET_MEM_MB = _param("budget_mem_mb", "MiB", "the memory budget pre-flight judged against (logged, so a report on another host uses it)")
@@ -208,6 +216,12 @@ N_HEADS = "backbone.n_heads"
 DTYPE = "backbone.dtype"
 PRECISION = "trainer.precision"
 GRAD_CHECKPOINTING = "trainer.grad_checkpointing"
+CAUSAL = "causal"  # true: causal attention (half the score work is useful), false: bidirectional
+KERNEL_FWDBWD = "scenario.fwdbwd"  # whether a kernel cell also timed forward+backward (not its forward)
+# the variant's own config (conf/model/<name>.yaml) is recorded as model.<knob> params: its knobs
+# (model.window, model.features, ...) name a setting; these two identify the variant, not a setting
+MODEL_PARAM_PREFIX = "model."
+MODEL_IDENTITY_PARAMS = ("model.name", "model._target_")
 
 
 def run_name(model: str, seq_len: int, scenario: str, checkpointing: bool) -> str:

@@ -151,7 +151,8 @@ class Root:
     causal: bool = _f(True, AXIS, "causal (decoder) attention; false = bidirectional")
     seed: int = _f(0, REPLICATE, "torch and data seed", "integer")
     overwrite: bool = _f(False, SWITCH, "rerun a cell even when an ok run with its config_hash exists")
-    isolate: bool = _f(True, SWITCH, "run the cell in a fresh child process")
+    isolate: bool = _f(True, SWITCH, "run the cell in a child process of its own")
+    isolation: str = _f("fork", SWITCH, "fork: from a warm pre-imported server; spawn: a fresh interpreter", "isolation")
     timeout_s: float = _f(900, SWITCH, "kill the cell's process after this long", "positive_number")
     grid: Any = _f(None, SWITCH, "the grid config a sweep composed (hydra.sweeper.grids)")
     experiment: Any = _f(None, SWITCH, "the experiment preset composed")
@@ -221,6 +222,7 @@ _CHECKS = {
     "positive_number": (lambda v: _is_num(v) and v > 0, "must be a positive number of seconds"),
     "integer": (lambda v: _is_int(v), "must be an integer"),
     "dtype": (lambda v: v in DTYPES, f"must be one of {DTYPES}"),
+    "isolation": (lambda v: v in ("fork", "spawn"), "must be fork or spawn"),
 }
 
 

@@ -30,6 +30,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from pipeline import record as R
+from pipeline.progress import cell_units
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,13 @@ class GridSweeper(BasicSweeper):
         # cell's task can be laid out at its length (e.g. MQAR's pairs and query distance)
         checked_tasks: set[tuple[str, int]] = set()
         gpu_cell = None
+        plan = []  # every cell's scenario and analytic cost, for the progress lines' estimate
         for job in jobs:
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
             try:
                 d = to_dict(cfg)
                 check_cell(d, checked_tasks)
+                plan.append({"scenario": d["scenario"]["name"], "units": cell_units(d)})
                 if gpu_cell is None and wants_cuda(d):
                     gpu_cell = job
             except ConfigError as e:
@@ -116,7 +119,9 @@ class GridSweeper(BasicSweeper):
             R.STATUS: R.RUNNING, **tracking.host_tags()})
         tr.log(parent, params={R.GRID: grid_name, R.N_CELLS: len(jobs), R.ARGUMENTS: " ".join(arguments)})
         tr.log_json(parent, {"grids": grids, "arguments": list(arguments), "cells": jobs}, "grid.json")
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"sweep_id": sweep_id, "parent_run_id": parent}))
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps({
+            "sweep_id": sweep_id, "parent_run_id": parent, "sweep_dir": str(sweep_dir.resolve()),
+            "started": time.time(), "plan": plan}))
         print(f"[attnbench] sweep {sweep_id}: {len(jobs)} cells -> experiment '{tr.experiment}' at {tr.uri}", flush=True)
 
         batch_size = self.max_batch_size or len(jobs)
@@ -218,4 +223,4 @@ def sweep_info_for_job():
     f = Path(hc.sweep.dir) / SWEEP_FILE
     if not f.exists():
         return None
-    return SweepInfo(**json.loads(f.read_text()))
+    return SweepInfo(**json.loads(f.read_text()), index=int(hc.job.num))

@@ -161,9 +161,13 @@ class Tracker:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
+            if R.EXPERIMENT_KIND not in exp.tags:  # made before the kind was set: the UI would ask
+                self.client.set_experiment_tag(exp.experiment_id, R.EXPERIMENT_KIND, R.EXPERIMENT_KIND_TRAINING)
             return exp.experiment_id
         try:
-            return self.client.create_experiment(self.experiment, artifact_location=artifact_root(self.uri))
+            # a model-training experiment: MLflow's UI opens it on its runs, not the GenAI overview
+            return self.client.create_experiment(self.experiment, artifact_location=artifact_root(self.uri),
+                                                 tags={R.EXPERIMENT_KIND: R.EXPERIMENT_KIND_TRAINING})
         except Exception:  # another process created it first
             exp = self.client.get_experiment_by_name(self.experiment)
             if exp is None:
