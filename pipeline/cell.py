@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import cluster, tracking
 from pipeline import record as R
-from pipeline import tracking
 from pipeline.config import config_hash, family_hash, flatten, validate
 from pipeline.isolation import isolation_mode, run_isolated
 from pipeline.progress import Progress
@@ -72,11 +72,21 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
 
     tags = {
         R.MODEL: d["model"]["name"], R.SCENARIO: d["scenario"]["name"], R.TASK: d["task"]["name"],
-        R.CONFIG_HASH: h, R.FAMILY_HASH: fam, R.STATUS: R.RUNNING, **tracking.host_tags(),
+        R.CONFIG_HASH: h, R.FAMILY_HASH: fam, R.STATUS: R.RUNNING, **tracking.host_tags(), **cluster.job_tags(),
     }
     if sweep:
         tags[R.SWEEP_ID] = sweep.sweep_id
+    # on a server, runs come from many hosts: a heartbeat lets any of them clear a run whose process
+    # died (an isolated cell only: the beat's thread stays out of a process that measures)
+    beat = tr.uri.startswith(("http://", "https://")) and d.get("isolate", True)
+    if beat:
+        tags[R.HEARTBEAT] = str(int(time.time()))
     run_id = tr.create_run(name, tags, sweep.parent_run_id if sweep else None)
+    # in a SLURM task, a cancel or the time limit stops the cell and is its status
+    alive = contextlib.ExitStack()
+    alive.enter_context(cluster.stop_on_slurm_signals())
+    if beat:
+        alive.enter_context(cluster.heartbeat(tr, run_id))
     try:
         tr.log(run_id, params=flatten(d))
         tr.log_json(run_id, d, "config.json")
@@ -98,6 +108,10 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
         if scenario_s is not None:  # up to the record; the record itself is a few writes more
             result.metrics[R.CELL_OVERHEAD_S] = time.perf_counter() - t_start - scenario_s
         _record(tr, run_id, result)
+    except cluster.CellStopped as e:  # SLURM cancelled the task or its time is up: recorded, the sweep goes on
+        alive.close()
+        result = CellResult(status=e.status, failure_reason=e.reason)
+        _record(tr, run_id, result)
     except BaseException as e:  # interrupted (Ctrl-C) or the tracker failed mid-way: leave no RUNNING run
         try:
             reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
@@ -105,6 +119,8 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
             tr.end_run(run_id, "error")
         finally:
             raise
+    finally:
+        alive.close()
     if progress:
         say(progress.finished(sweep.index, name, result.status, time.perf_counter() - t_start, result.metrics,
                               reason=result.failure_reason))

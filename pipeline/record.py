@@ -92,6 +92,9 @@ GIT_SHA = _tag("git_sha", "the code's commit (with -dirty for local changes)")
 HOST = _tag("host", "the machine that wrote the run")
 PID = _tag("pid", "the process that wrote the run (orphan detection)")
 ALLOCATOR = _tag("allocator", "the allocator environment of the measuring process")
+SLURM_JOB_ID = _tag("slurm_job_id", "the SLURM job that ran the cell: <array job>_<task> for a task of an array")
+SLURM_CLUSTER = _tag("slurm_cluster", "the SLURM cluster of slurm_job_id (SLURM_CLUSTER_NAME)")
+HEARTBEAT = _tag("heartbeat", "unix time the run's writer last said it was alive (runs on a tracking server)")
 FP32_MATMUL = _tag("fp32_matmul", "torch's float32 matmul precision: highest is true fp32")
 
 # ---------------------------------------------------------------- tags: what ran, and notes

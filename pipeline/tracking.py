@@ -87,6 +87,18 @@ def check_server(uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingError(f"tracking server {uri} is not reachable: {e}") from None
 
 
+_OPEN_TRIES = 7  # about 30 s of waits
+
+
+def _half_created(e: Exception) -> bool:
+    """A process that does not take first_open_lock (a plain MLflow client, `mlflow ui`) is creating
+    or migrating the same new store's tables at this moment: MLflow fails this open with `table
+    ... already exists`, a missing table or a half-applied migration. Once the other process is
+    done the store is usable, so the open is tried again."""
+    msg = str(e).lower()
+    return any(s in msg for s in ("already exists", "no such table", "alembic", "migration", "locked"))
+
+
 @contextlib.contextmanager
 def first_open_lock(uri: str):
     """MLflow creates and migrates a SQLite store's tables on a process's first access; several
@@ -151,8 +163,15 @@ class Tracker:
         try:
             # MlflowClient opens the store (and on a new one creates the tables) when constructed
             with first_open_lock(uri):
-                self.client = MlflowClient(tracking_uri=uri)
-                self.experiment_id = _retry(self._ensure_experiment)
+                for attempt in range(_OPEN_TRIES):
+                    try:
+                        self.client = MlflowClient(tracking_uri=uri)
+                        self.experiment_id = _retry(self._ensure_experiment)
+                        break
+                    except Exception as e:  # noqa: BLE001
+                        if not _half_created(e) or attempt == _OPEN_TRIES - 1:
+                            raise
+                        time.sleep(min(0.5 * 2 ** attempt, 8.0))
         except Exception as e:  # noqa: BLE001
             raise TrackingError(f"cannot open tracking store {uri}: {str(e).splitlines()[0]}") from None
 
@@ -233,15 +252,20 @@ class Tracker:
         return min(shorter, key=lambda r: int(r.data.params[R.SEQ_LEN])) if shorter else None
 
     def mark_orphans(self) -> list[str]:
-        """Runs left RUNNING by a process of this host that no longer exists (killed sweep):
-        recorded as status error and FAILED, so nothing stays RUNNING without a status."""
+        """Runs left RUNNING by a writer that no longer exists (a killed sweep, a dead SLURM task),
+        recorded as status error (or timeout) and FAILED, so nothing stays RUNNING without a
+        status: a run of this host by its process id, a run of any host by its SLURM job's end
+        state or a heartbeat gone stale (pipeline/cluster.py, orphan_reasons)."""
         import psutil
 
+        from pipeline.cluster import orphan_reasons
+
         host = socket.gethostname()
-        marked = []
+        marked, elsewhere = [], []
         for r in self.search("attributes.status = 'RUNNING'"):
             tags = r.data.tags
             if tags.get(R.HOST) != host or R.PID not in tags:
+                elsewhere.append(r)
                 continue
             if psutil.pid_exists(int(tags[R.PID])):
                 continue
@@ -249,4 +273,8 @@ class Tracker:
                                           R.FAILURE_REASON: f"orphaned: process {tags[R.PID]} exited before recording a result"})
             self.end_run(r.info.run_id, "error")
             marked.append(r.info.run_id)
+        for run_id, (status, reason) in orphan_reasons(elsewhere).items():
+            self.log(run_id, tags={R.STATUS: status, R.FAILURE_REASON: reason})
+            self.end_run(run_id, status)
+            marked.append(run_id)
         return marked

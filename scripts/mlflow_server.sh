@@ -13,7 +13,8 @@
 #   MLFLOW_SERVER_ALLOWED_HOSTS   Host headers the server accepts (with 0.0.0.0: this machine's
 #                                 names on PORT plus localhost, unless set)
 #   MLFLOW_BACKEND_STORE_URI      runs, params, metrics, tags: a PostgreSQL URI for a team
-#                                 (needs `pip install psycopg2-binary`), else <repo>/mlflow-server.db
+#                                 (postgresql://...; needs the driver: `make install-server`, i.e.
+#                                 pip install -e '.[server]', or psycopg2), else <repo>/mlflow-server.db
 #   MLFLOW_ARTIFACTS_DESTINATION  where the server keeps uploaded artifacts (<repo>/mlartifacts-server;
 #                                 a directory, s3://... or gs://...); clients upload through the server
 #   MLFLOW_WORKERS                server processes (4)
@@ -31,12 +32,26 @@ if [[ -z "$mlflow" ]]; then
   echo "mlflow_server.sh: error: no mlflow executable (run \`make install\` first)" >&2
   exit 2
 fi
+# A PostgreSQL store needs a driver in the server's Python. SQLAlchemy 2.1 reads postgresql:// as
+# postgresql+psycopg:// (psycopg 3, the `server` extra); postgresql+psycopg2:// selects psycopg2.
+# Either is accepted: a plain postgresql:// URI is pointed at whichever of the two is installed.
+has() { "$(dirname "$mlflow")/python" -c "import $1" 2>/dev/null; }
+nodriver() {
+  echo "mlflow_server.sh: error: the PostgreSQL store ${1} needs the ${2} driver in $(dirname "$mlflow"): make install-server (pip install -e '.[server]')${3:-}" >&2
+  exit 2
+}
 case "$backend" in
-  postgresql*)
-    if ! "$(dirname "$mlflow")/python" -c "import psycopg2" 2>/dev/null; then
-      echo "mlflow_server.sh: error: a PostgreSQL store needs the driver: pip install psycopg2-binary" >&2
-      exit 2
+  postgresql+psycopg2://*) has psycopg2 || nodriver postgresql+psycopg2:// psycopg2 ", or pip install psycopg2-binary" ;;
+  postgresql+psycopg://*) has psycopg || nodriver postgresql+psycopg:// "psycopg 3" ;;
+  postgresql://*|postgres://*)
+    if has psycopg; then
+      backend="postgresql+psycopg://${backend#*://}"
+    elif has psycopg2; then
+      backend="postgresql+psycopg2://${backend#*://}"
+    else
+      nodriver postgresql:// "psycopg 3 (or psycopg2)"
     fi ;;
+  postgresql+*) ;;  # another driver, named explicitly: the caller installed it
 esac
 
 # The URI jobs use: this machine's name when bound to every interface, the bound address otherwise.
@@ -51,7 +66,8 @@ case "$host" in
     ;;
   *) advertised="$host" ;;
 esac
-echo "MLflow server: backend store ${backend}"
+# the store's password, if the URI carries one, stays out of the log
+echo "MLflow server: backend store $(sed -E 's#(://[^:/@]+):[^@]*@#\1:***@#' <<< "$backend")"
 echo "               artifacts     ${artifacts} (served through the server)"
 echo "Record to it from every shell and job:"
 echo "  export MLFLOW_TRACKING_URI=http://${advertised}:${port}"
