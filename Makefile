@@ -56,6 +56,9 @@ repeatability: install ## the same kernel cells twice in a row: how far apart th
 overhead: install ## the harness's per-cell overhead, spawn vs fork, and the pipeline's figures against a bare loop
 	$(BIN)/python -m pipeline.overhead $(ARGS)
 
+theory: install ## self-attention's time complexity measured: kernels over n x D x H, the two-term fit and its verdicts
+	$(BIN)/python -m pipeline.run -m grid=theory $(ARGS)
+
 report: install ## report of experiment EXP (latest run per cell) into reports/
 	$(BIN)/python -m pipeline.report --experiment $(EXP) $(ARGS)
 

@@ -15,6 +15,7 @@ import pandas as pd
 from pipeline import record as R
 from pipeline.registry import REPO_ROOT
 from pipeline.report import sections as S
+from pipeline.report.answer import section_answer
 from pipeline.report.decoding import section_decoding
 from pipeline.report.document import Doc
 from pipeline.report.figures import variant_colours
@@ -54,6 +55,7 @@ def build_report(experiment: str, sweep_id: str | None = None, out_dir: Path | N
     S.section_figures(doc, lines, qgroups, cells, colours, out_dir)
     S.section_crossover(doc, lines)
     S.section_theory(doc, lines, colours, out_dir)
+    section_answer(doc, cells, colours, out_dir)  # kernel cells at under 2 widths D: no section
     S.section_memory_wall(doc, lines, budget_gb)
     section_decoding(doc, kernel_lines(cells, "decode"), budget_gb, colours, out_dir)  # none: no section
     S.section_failures(doc, cells)

@@ -200,3 +200,41 @@ def plot_checkpointing(effect: pd.DataFrame, colours: dict, path: Path) -> Path 
         ax.grid(True, axis="x", alpha=0.3)
         ax.invert_yaxis()
     return _save(fig, path)
+
+
+def plot_two_term(panels: list[dict], path: Path) -> Path | None:
+    """Time vs n, one panel per fitted group, one colour per width D: measured points, the fitted
+    two-term curve (solid) and its score and projection terms (dashed, dotted). Each panel is
+    {"title", "series": [{"D", "n", "t"} plus, when fitted, "grid", "total", "score", "proj"]}."""
+    panels = [p for p in panels if p["series"]]
+    if not panels:
+        return None
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    ncols = min(len(panels), 3)
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(5.4 * ncols, 4.6 * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    widths = sorted({s["D"] for p in panels for s in p["series"]})
+    cmap = colormaps["viridis"]
+    colour = {d: cmap(i / max(len(widths) - 1, 1) * 0.9) for i, d in enumerate(widths)}
+    for ax, panel in zip(axes, panels):
+        for s in panel["series"]:
+            c = colour[s["D"]]
+            ax.plot(s["n"], s["t"], "o", ms=4, color=c, label=f"D = {s['D']:,.0f}")
+            if "grid" in s:
+                ax.plot(s["grid"], s["total"], "-", lw=1.2, color=c)
+                for part, ls in (("score", "--"), ("proj", ":")):
+                    ys = np.where(s[part] > 0, s[part], np.nan)  # a term fitted 0 draws nothing
+                    ax.plot(s["grid"], ys, ls=ls, lw=1, color=c)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length n (tokens)")
+        ax.set_ylabel("forward time (ms)")
+        ax.set_title(panel["title"])
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=7, title="— fit  -- n²·D  ·· n·D²", title_fontsize=7)
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    return _save(fig, path)

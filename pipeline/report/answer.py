@@ -1,0 +1,347 @@
+"""The report's "The answer" section: what the time complexity of self-attention is, from the
+kernel cells over lengths n, widths D and head counts H (`grid=theory`). Each classic claim gets
+a row with a verdict computed from the cells with the thresholds below, and the numbers behind
+it; then the two-term fits (pipeline/report/theory.py), where their terms cross, memory, and the
+two worked configurations of conf/experiment/.
+
+    section_answer(doc, cells, colours, out)   # writes nothing unless ok kernel cells span 2 widths
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline import record as R
+from pipeline.analytic import score_macs
+from pipeline.report.analysis import FIT_POINTS, crossover, fit_power_law, truthy
+from pipeline.report.document import Doc
+from pipeline.report.figures import plot_two_term
+from pipeline.report.format import MISSING, fmt, sci
+from pipeline.report.lines import SEQ_LEN, STATUS
+from pipeline.report.theory import (
+    D_COL,
+    PROJ_FLOPS_PER_UNIT,
+    SCORE_FLOPS_PER_UNIT,
+    Analysis,
+    Refusal,
+    analyse,
+    theory_groups,
+)
+
+MIB = 2**20
+# the thresholds of the verdicts
+R2_MIN = 0.99          # the two-term model holds when it explains this much of the variance ...
+RESIDUAL_MAX = 0.30    # ... and misses no cell by more than this (relative residual)
+DOMINANT = 0.5         # a term dominates when it takes more than half of the measured forward
+WORK_FACTOR_TOL = 2.0  # 16× the length: the measured mixing ratio within 2× of 256
+HEAD_EXP_TOL = 0.25    # heads keep the complexity: exponents in n across H within 0.25
+P_ZERO = 0.05          # p ≈ 0: the n² term under 5 % of the fitted peak at the largest n
+MIN_CELLS = 6          # a verdict on the fit needs twice as many cells as its 3 parameters
+SEEDS = ((512, 768), (8192, 1024))  # the two worked configurations (conf/experiment/seed_*.yaml)
+HOLDS, FAILS = "holds", "does not hold here"
+MAX_PANELS = 6
+
+
+def _or_reason(fit, text) -> str:
+    return f"no fit: {fit.reason}" if isinstance(fit, Refusal) else text(fit)
+
+
+def _pct(x: float | None) -> str:
+    return MISSING if x is None or not np.isfinite(x) else f"{100 * x:.0f} %"
+
+
+def _ratio(x: float) -> str:
+    return f"{x:,.0f}×" if x >= 10 else f"{x:.2f}×"
+
+
+def _cell(f: pd.DataFrame, n: float, D: float):
+    hit = f[(f["n"] == n) & (f["D"] == D)]
+    return hit.iloc[0] if len(hit) else None
+
+
+# ----------------------------------------------------------------------------- the claims
+def claim_fit(an: Analysis) -> tuple[str, str]:
+    ft = an.time
+    if isinstance(ft, Refusal):
+        return f"not measured: {ft.reason}", ""
+    if ft.cells < MIN_CELLS:
+        return f"not measured: {ft.cells} cells, a verdict needs {MIN_CELLS}", f"R² = {ft.r2:.4f}"
+    held = _or_reason(an.held, lambda h: f"n = {h.n:,} held out and predicted within {_pct(h.worst)}")
+    ok = ft.r2 >= R2_MIN and ft.worst <= RESIDUAL_MAX
+    return (HOLDS if ok else FAILS), (f"R² = {ft.r2:.4f}, worst residual {_pct(ft.worst)} over "
+                                      f"{ft.cells} cells; {held}")
+
+
+def claim_share(an: Analysis, ratio: float, part: str, where: str) -> tuple[str, str]:
+    """The measured share of `part` (mix or proj) of the forward at n = ratio·D (`where`), at every D."""
+    f, found, texts = an.fit_cells, [], []
+    for D in sorted(f["D"].unique()):
+        r = _cell(f, ratio * D, D)
+        if r is None or not (np.isfinite(r["fwd"]) and np.isfinite(r["proj"])):
+            continue
+        if part == "mix" and not np.isfinite(r["mix"]):
+            share, txt = 0.0, "under 5 %"  # kernel/mix_ms is logged only above 5 % of the forward
+        else:
+            share = r[part] / r["fwd"]
+            txt = _pct(share)
+        found.append(share)
+        texts.append(f"D = {D:,.0f}, n = {ratio * D:,.0f}: {txt}")
+    if not found:
+        return f"not measured: no cell at {where} with its projections timed", ""
+    return (HOLDS if min(found) > DOMINANT else FAILS), "; ".join(texts)
+
+
+def claim_work_factor(an: Analysis) -> tuple[str, str]:
+    f, verdicts, texts = an.fit_cells, [], []
+    s = SCORE_FLOPS_PER_UNIT / (2 if an.causal else 1)
+    for D in sorted(f["D"].unique()):
+        at = f[f["D"] == D].set_index("n")
+        pairs = [n for n in at.index if 16 * n in at.index]
+        if not pairs:
+            continue
+        n = max(pairs)
+        lo, hi = at.loc[n], at.loc[16 * n]
+        work = (s * 256 * n * n * D + PROJ_FLOPS_PER_UNIT * 16 * n * D * D) / (
+            s * n * n * D + PROJ_FLOPS_PER_UNIT * n * D * D)
+        if np.isfinite(lo["mix"]) and np.isfinite(hi["mix"]):
+            mix = hi["mix"] / lo["mix"]
+            verdicts.append(abs(np.log(mix / 256)) <= np.log(WORK_FACTOR_TOL))
+            mix_txt = f"mixing {_ratio(mix)}"
+        else:
+            mix_txt = "mixing under 5 % of the forward at n"
+        texts.append(f"D = {D:,.0f}, n {n:,.0f} → {16 * n:,.0f}: {mix_txt}, whole layer "
+                     f"{_ratio(hi['fwd'] / lo['fwd'])} (its analytic work {_ratio(work)})")
+    if not verdicts:
+        why = "no width with both n and 16n timed and the mixing separable at both"
+        return f"not measured: {why}", "; ".join(texts)
+    return (HOLDS if all(verdicts) else FAILS), "; ".join(texts)
+
+
+def claim_heads(an: Analysis) -> tuple[str, str]:
+    c = an.cells.dropna(subset=["fwd"])
+    heads = c.groupby("D")["H"].nunique()
+    if heads.empty or heads.max() < 2:
+        return "not measured: one head count per width", ""
+    D = float(heads.idxmax())
+    at = c[c["D"] == D]
+    common = set.intersection(*(set(g["n"]) for _, g in at.groupby("H")))
+    if len(common) < 2:
+        return f"not measured: the head counts at D = {D:,.0f} share fewer than 2 lengths", ""
+    at = at[at["n"].isin(common)]  # every H over the same lengths
+    exps = {h: fit_power_law(g["n"], g["fwd"]).exponent for h, g in at.groupby("H")}
+    t = at[at["n"] == max(common)].set_index("H")["fwd"]
+    spread = (f"time at n = {max(common):,.0f}: {fmt(t.min())}–{fmt(t.max())} ms, spread "
+              f"{_ratio(t.max() / t.min())} (fastest H = {t.idxmin():.0f})")
+    lo, hi = min(exps.values()), max(exps.values())
+    text = (f"D = {D:,.0f}, H = {', '.join(f'{h:.0f}' for h in sorted(exps))}: exponents in n "
+            f"{lo:.2f}…{hi:.2f} (over the {FIT_POINTS} largest n); {spread}")
+    return (HOLDS if hi - lo <= HEAD_EXP_TOL else FAILS), text
+
+
+def materialises(an: Analysis) -> bool | None:
+    col = R.col(R.MATERIALISES_SCORES)
+    vals = {truthy(v) for v in an.line.rows.get(col, pd.Series(dtype=str)).dropna()}
+    return vals.pop() if len(vals) == 1 else None
+
+
+def claim_memory(an: Analysis) -> tuple[str, str, str]:
+    """(claim, verdict, numbers): O(n²) where the variant materialises the scores, else p ≈ 0."""
+    mat = materialises(an)
+    claim = ("memory O(n²): the score matrix materialised" if mat
+             else "memory O(n): p ≈ 0 for memory-efficient exact attention")
+    fm, f = an.memory, an.fit_cells.dropna(subset=["mem"])
+    if mat is None:
+        return "memory", f"not measured: no consistent `{R.MATERIALISES_SCORES}` tag", ""
+    if isinstance(fm, Refusal):
+        return claim, f"not measured: {fm.reason}", ""
+    top = f.sort_values(["n", "D"]).iloc[-1]
+    share = fm.n2_share(top["n"], top["D"], top["H"], top["B"])
+    ok = share >= DOMINANT if mat else share < P_ZERO
+    return claim, (HOLDS if ok else FAILS), (
+        f"p = {fmt(fm.p * MIB)} B per score entry, q = {fmt(fm.q * MIB)} B per n·D element; the n² "
+        f"term is {_pct(share)} of the fitted peak at n = {top['n']:,.0f}, D = {top['D']:,.0f}")
+
+
+def seed_rows(an: Analysis) -> list[dict]:
+    """The two worked configurations as this group recorded them (any status)."""
+    rows = []
+    for n, D in SEEDS:
+        rec = an.line.rows[(an.line.rows[SEQ_LEN] == n) & (an.line.rows[D_COL] == D)]
+        r = _cell(an.cells, n, D) if (rec[STATUS] == "ok").any() else None
+        why = rec.get(R.col(R.FAILURE_REASON), pd.Series(dtype=str)).dropna()
+        status = "ok" if r is not None else (", ".join(sorted(set(rec[STATUS]))) or "not in the grid")
+        if r is None and len(why) and str(why.iloc[0]):
+            status += f": {why.iloc[0]}"
+        pred = None if isinstance(an.time, Refusal) else float(an.time.predict(n, D))
+        rows.append({"n": n, "D": D, "status": status, "pred": pred,
+                     "fwd": None if r is None else r["fwd"], "mem": None if r is None else r["mem"]})
+    return rows
+
+
+def claim_seeds(an: Analysis) -> tuple[str, str]:
+    rows = seed_rows(an)
+    ran = [r for r in rows if r["fwd"] is not None and r["pred"] is not None]
+    text = "; ".join(f"n = {r['n']:,}, D = {r['D']:,}: " + (
+        f"{fmt(r['fwd'])} ms measured, {fmt(r['pred'])} ms fitted" if r in ran else r["status"]) for r in rows)
+    if len(ran) < len(SEEDS):
+        return "not measured", text
+    worst = max(abs(r["pred"] / r["fwd"] - 1) for r in ran)
+    return (HOLDS if worst <= RESIDUAL_MAX else FAILS), text
+
+
+# (claim, criterion, verdict function) of the rows every exact variant gets
+CLAIMS = (
+    ("total cost O(n²·d + n·d²)",
+     f"two-term fit over ≥ {MIN_CELLS} cells: R² ≥ {R2_MIN}, every residual ≤ {RESIDUAL_MAX:.0%}", claim_fit),
+    ("n ≫ d: the score term dominates", f"mixing > {DOMINANT:.0%} of the forward at n = 8·D, every D",
+     lambda an: claim_share(an, 8, "mix", "n = 8·D")),
+    ("d ≫ n: the projections dominate", f"projections > {DOMINANT:.0%} of the forward at n = D/8, every D",
+     lambda an: claim_share(an, 1 / 8, "proj", "n = D/8")),
+    ("16× the length → 256× the work", f"mixing t(16n)/t(n) within {WORK_FACTOR_TOL:g}× of 256 at every D",
+     claim_work_factor),
+    ("multi-head attention does not change the complexity",
+     f"exponents in n across H at one D within {HEAD_EXP_TOL}", claim_heads),
+    ("the worked configurations n = 512, D = 768 and n = 8192, D = 1024",
+     f"the two-term fit predicts each within {RESIDUAL_MAX:.0%}", claim_seeds),
+)
+
+
+# ----------------------------------------------------------------------------- the section
+def section_answer(doc: Doc, cells: pd.DataFrame, colours: dict, out: Path) -> None:
+    """The Answer section over the kernel cells; writes nothing unless they span 2 widths D."""
+    groups = theory_groups(cells)
+    if not groups:
+        return
+    analyses = [analyse(g) for g in groups]
+    exact = [an for an in analyses if an.line.exact is True]
+    doc.h(2, "The answer: the time complexity of self-attention, measured")
+    doc.p("Kernel cells over n, D and H, fitted per variant and device to t_fwd ≈ a·n²·D + b·n·D² + c "
+          "(B = 1; times B otherwise) by non-negative least squares on the medians with relative "
+          "weights (each cell's residual over its own time, so small cells count as much as large "
+          "ones), over the cells at the group's most common head dim d_k = D/H. a and b are "
+          "reported as effective rates of useful FLOPs, 2 per multiply-add: the score term n²·D "
+          "multiply-adds ×2 for QKᵀ and PV (summed over the heads, H·n²·d_k = n²·D), halved when "
+          "causal; the projection term 4·n·D² multiply-adds (Q, K, V, output). R² is of the raw "
+          "times. Verdicts are computed from the cells with the criteria shown; claims are about "
+          "exact attention, so only exact variants get rows; the others are fitted for contrast.")
+    if not exact:
+        doc.p(f"No kernel line tagged `{R.EXACT}`=True spans the widths: no verdicts.")
+    rows = []
+    for an in exact:
+        for claim, criterion, judge in CLAIMS:
+            verdict, numbers = judge(an)
+            rows.append([claim, an.line.label, verdict, numbers or MISSING, criterion])
+        claim, verdict, numbers = claim_memory(an)
+        rows.append([claim, an.line.label, verdict, numbers or MISSING,
+                     f"n² term ≥ {DOMINANT:.0%} (materialised) or < {P_ZERO:.0%} (p ≈ 0) of the fitted peak"])
+    if rows:
+        doc.table(["claim", "variant", "verdict", "measured", "criterion"], rows)
+    _figure(doc, exact + [an for an in analyses if an not in exact], out)
+    _fits(doc, analyses)
+    _crossovers(doc, analyses)
+    _memory(doc, analyses)
+    _seeds(doc, exact)
+
+
+def _figure(doc: Doc, analyses: list[Analysis], out: Path) -> None:
+    panels = []
+    for an in analyses[:MAX_PANELS]:
+        series = []
+        for D, g in an.fit_cells.dropna(subset=["fwd"]).groupby("D"):
+            s = {"D": D, "n": g["n"].to_numpy(), "t": g["fwd"].to_numpy()}
+            if not isinstance(an.time, Refusal):
+                grid = np.geomspace(g["n"].min(), g["n"].max(), 40)
+                score, proj, const = an.time.parts(grid, D)
+                s.update(grid=grid, score=score, proj=proj, total=score + proj + const)
+            series.append(s)
+        if series:
+            panels.append({"title": an.line.label, "series": series})
+    path = plot_two_term(panels, out / "theory_two_term.png")
+    if path:
+        doc.figure(path, "Forward time vs n, one colour per width D: measured medians (points), "
+                         "the fitted a·n²·D + b·n·D² + c (solid) and its two terms (dashed: scores, "
+                         "dotted: projections)")
+
+
+def _fits(doc: Doc, analyses: list[Analysis]) -> None:
+    doc.h(3, "The two-term fit")
+    rows = []
+    for an in analyses:
+        ft = an.time
+        head = [an.line.label, f"{len(an.fit_cells)} (d_k = {an.head_dim:g})" if len(an.cells) else "0"]
+        if isinstance(ft, Refusal):
+            rows.append(head + [f"no fit: {ft.reason}"] + [MISSING] * 5)
+            continue
+        held = _or_reason(an.held, lambda h: f"n = {h.n:,}: worst {_pct(h.worst)} ("
+                          + ", ".join(f"D = {d:,}: {e:+.0%}" for d, e in h.errors) + ")")
+        rows.append(head + [fmt(ft.score_gflops()) if ft.a > 0 else "0 (no n²·D term)",
+                            fmt(ft.proj_gflops()) if ft.b > 0 else "0 (no n·D² term)",
+                            fmt(ft.c), f"{ft.r2:.4f}", _pct(ft.worst), held])
+    doc.table(["variant", "cells (head dim)", "score term GFLOP/s", "projection term GFLOP/s", "c (ms)",
+               "R²", "worst residual", "held out: largest n predicted from the rest"], rows)
+
+
+def _crossovers(doc: Doc, analyses: list[Analysis]) -> None:
+    doc.h(3, "Where the two terms cross")
+    doc.p("Predicted: n*(D) = (b/a)·D, where a·n²·D = b·n·D². Measured: the n beyond which "
+          f"`{R.KERNEL_PROJ_MS}` (the projections run alone) stays below `{R.KERNEL_MIX_MS}` (the "
+          "forward minus them), interpolated in log-log space; where the mixing is under 5 % of the "
+          "forward (no `kernel/mix_ms`) it is taken as 5 %, an upper bound.")
+    rows = []
+    for an in analyses:
+        if isinstance(an.time, Refusal):
+            continue
+        for D, g in an.fit_cells.dropna(subset=["fwd", "proj"]).groupby("D"):
+            if len(g) < 2:  # one length: nothing to cross
+                continue
+            pred = an.time.crossover_n(D)
+            mix = g["mix"].where(g["mix"].notna(), 0.05 * g["fwd"])
+            co = crossover(g["n"], g["proj"], mix)
+            measured = {"crosses": f"n ≈ {fmt(co.n)}", "below at every n": "mixing dominates at every n measured",
+                        "not reached": "projections dominate at every n measured"}.get(co.verdict, MISSING)
+            rows.append([an.line.label, f"{D:,.0f}", f"n* ≈ {fmt(pred)}" if pred else "never (a term fitted 0)",
+                         measured])
+    if rows:
+        doc.table(["variant", "D", "predicted (b/a)·D", "measured (projections vs mixing)"], rows)
+    else:
+        doc.p(f"No time fit with `{R.KERNEL_PROJ_MS}` logged.")
+
+
+def _memory(doc: Doc, analyses: list[Analysis]) -> None:
+    doc.h(3, "Memory")
+    doc.p(f"`{R.KERNEL_PEAK_MEM_MB}` fitted to p·H·n² + q·n·D + r (non-negative, relative weights "
+          "floored at 1 MiB): p per score entry (H per pair of positions, so at one H this is the "
+          "p·n² of the claim), q per element of an n×D activation. A materialised fp32 score matrix "
+          "costs p ≈ 4 B per entry for each copy alive; memory-efficient exact attention should give p ≈ 0.")
+    rows = []
+    for an in analyses:
+        fm, f = an.memory, an.fit_cells.dropna(subset=["mem"])
+        if isinstance(fm, Refusal):
+            rows.append([an.line.label, f"no fit: {fm.reason}"] + [MISSING] * 5)
+            continue
+        top = f.sort_values(["n", "D"]).iloc[-1]
+        rows.append([an.line.label, fmt(fm.p * MIB), fmt(fm.q * MIB), fmt(fm.r), f"{fm.r2:.4f}", _pct(fm.worst),
+                     f"{_pct(fm.n2_share(top['n'], top['D'], top['H'], top['B']))} "
+                     f"(n = {top['n']:,.0f}, D = {top['D']:,.0f})"])
+    doc.table(["variant", "p (B per score entry)", "q (B per n·D element)", "r (MiB)", "R²",
+               "worst residual", "n² term of the fitted peak, largest n"], rows)
+
+
+def _seeds(doc: Doc, exact: list[Analysis]) -> None:
+    doc.h(3, "The two worked configurations")
+    rows = []
+    for an in exact:
+        for r in seed_rows(an):
+            n, D = r["n"], r["D"]
+            rows.append([an.line.label, f"{n:,}", f"{D:,}", sci(score_macs(n, D)), sci(4 * n * D * D),
+                         r["status"], fmt(r["fwd"]), fmt(r["pred"]), fmt(r["mem"])])
+    if not rows:
+        doc.p("No exact variant among the fitted kernel cells.")
+        return
+    doc.p("The seed's figures (conf/experiment/seed_512x768.yaml, seed_8192x1024.yaml; 16× the "
+          "length, 256× the score work at equal width): analytic multiply-adds of one forward (B = 1) "
+          "next to what this machine measured, and what the two-term fit predicts there.")
+    doc.table(["variant", "n", "D", "score multiply-adds n²·D", "projection multiply-adds 4·n·D²",
+               "status", "forward ms", "fit predicts ms", "peak MiB"], rows)
