@@ -15,9 +15,10 @@ GRID    ?= cpu
 EXP     ?= attnbench
 ARGS    ?=
 PARTITION ?=
+LAUNCHER ?= slurm
 PORT    ?= 5000
 
-.PHONY: help install test test-all smoke sweep complexity repeatability overhead report ui server submit gpu-wheels gpu-check lint clean
+.PHONY: help install test test-all smoke sweep complexity repeatability overhead report ui install-server server submit cluster-check gpu-wheels gpu-check lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -50,14 +51,18 @@ sweep: install ## the default CPU sweep (grid=cpu), then its report
 complexity: install ## every variant's kernel at n = 1024 ... 16384 (scaling exponents), then its report
 	$(BIN)/python -m pipeline.run -m grid=complexity $(ARGS)
 
+theory: install ## self-attention's time complexity measured: kernels over n x D x H, the two-term fit and its verdicts
+	$(BIN)/python -m pipeline.run -m grid=theory $(ARGS)
+
+.PHONY: tradeoff
+tradeoff: install ## every efficient variant at three settings of its knob, quality and cost at n = 256 ... 8192 (<= 60 min on 2 cores), then its report
+	$(BIN)/python -m pipeline.run -m grid=tradeoff $(ARGS)
+
 repeatability: install ## the same kernel cells twice in a row: how far apart the medians land
 	$(BIN)/python -m pipeline.repeatability $(ARGS)
 
 overhead: install ## the harness's per-cell overhead, spawn vs fork, and the pipeline's figures against a bare loop
 	$(BIN)/python -m pipeline.overhead $(ARGS)
-
-theory: install ## self-attention's time complexity measured: kernels over n x D x H, the two-term fit and its verdicts
-	$(BIN)/python -m pipeline.run -m grid=theory $(ARGS)
 
 report: install ## report of experiment EXP (latest run per cell) into reports/
 	$(BIN)/python -m pipeline.report --experiment $(EXP) $(ARGS)
@@ -66,12 +71,19 @@ ui: install ## MLflow UI on 127.0.0.1:$(PORT) over the project's store; prints t
 	-$(BIN)/python -m pipeline.ui --experiment $(EXP) --port $(PORT)
 	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}
 
+install-server: install ## add the `server` extra to .venv: the PostgreSQL driver (psycopg 3) that make server needs for a postgresql:// store
+	$(BIN)/pip install -q $(TORCH_CONSTRAINT) -e '.[server]' --config-settings editable_mode=compat 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -c "import psycopg; print('installed psycopg', psycopg.__version__)"
+
 server: install ## MLflow tracking server on 127.0.0.1:$(PORT) for many writers (MLFLOW_BACKEND_STORE_URI, MLFLOW_HOST: docs/scaling_out.md)
 	PORT=$(PORT) scripts/mlflow_server.sh
 
-submit: install ## sweep GRID on SLURM as a job array: make submit GRID=gpu PARTITION=gpu (needs a server: make server)
+submit: install ## sweep on SLURM as one job array: make submit GRID=gpu PARTITION=gpu; GRID= ARGS='model=vanilla seq_len=512,1024'; LAUNCHER=slurm_cpu (needs make server)
 	@command -v sbatch >/dev/null || { echo "make submit: sbatch not found: run it on a SLURM login node" >&2; exit 2; }
-	$(BIN)/python -m pipeline.run -m grid=$(GRID) hydra/launcher=slurm tracking=server $(if $(PARTITION),hydra.launcher.partition=$(PARTITION)) $(ARGS)
+	$(BIN)/python -m pipeline.run -m $(if $(filter-out null,$(GRID)),grid=$(GRID)) hydra/launcher=$(LAUNCHER) tracking=server $(if $(PARTITION),hydra.launcher.partition=$(PARTITION)) $(ARGS)
+
+cluster-check: ## as root on Debian/Ubuntu: a real single-node SLURM + PostgreSQL-backed server, real submissions (ARGS=--up: just start them)
+	bash scripts/ci_cluster.sh $(ARGS)
 
 gpu-wheels: ## download the wheels the GPU machine lacks into .whl/ (ARGS=--verify: import them in a Python 3.12)
 	bash scripts/gpu_wheels.sh $(ARGS)

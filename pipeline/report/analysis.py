@@ -140,6 +140,33 @@ def pareto_front(cost: Sequence[float], quality: Sequence[float], higher_is_bett
     return front
 
 
+def within_tolerance(quality: Sequence[float], reference: float, tol: float, higher_is_better: bool = True,
+                     absolute: bool = False) -> np.ndarray:
+    """Boolean mask of the qualities within `tol` of `reference`: a fraction of |reference|
+    (higher is better: q >= ref - tol·|ref|; lower: q <= ref + tol·|ref|), or, when `absolute`
+    (a metric that is itself an error relative to the exact output), q <= tol. NaN never is."""
+    q = np.asarray(quality, dtype=float)
+    if absolute:
+        return np.isfinite(q) & (q <= tol)
+    slack = tol * abs(reference)
+    ok = q >= reference - slack if higher_is_better else q <= reference + slack
+    return np.isfinite(q) & ok
+
+
+def cheapest_below_exact(cost: Sequence[float], qualifies: Sequence[bool], exact: Sequence[bool]) -> int | None:
+    """Index of the cheapest point that qualifies, is not exact and costs less than every exact
+    point with a cost; None when there is none (exact attention is then the cheapest choice).
+    Points without a finite cost never win; with no exact cost at all, nothing is cheaper."""
+    c = np.asarray(cost, dtype=float)
+    q, ex = np.asarray(qualifies, dtype=bool), np.asarray(exact, dtype=bool)
+    finite = np.isfinite(c)
+    if not np.any(ex & finite):
+        return None
+    floor = c[ex & finite].min()
+    cand = np.nonzero(q & ~ex & finite & (c < floor))[0]
+    return int(cand[np.argmin(c[cand])]) if len(cand) else None
+
+
 def seed_figures() -> dict[str, Any]:
     """The seed's worked figures (DESIGN §1), recomputed with the measurement's own formulas."""
     from pipeline.analytic import score_entries, score_macs

@@ -142,8 +142,11 @@ def plot_flops(lines: list[Line], colours: dict, path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_pareto(panels: list[dict], colours: dict, xlabel_kind: str, path: Path) -> Path | None:
-    """Quality vs a cost, one panel per (task, n), Pareto front joined by a line."""
+def plot_pareto(panels: list[dict], colours: dict, xlabel_kind: str, path: Path,
+                curves: bool = False) -> Path | None:
+    """Quality vs a cost, one panel per (task, n), Pareto front joined by a line. With `curves`,
+    the points of one variant (its settings) are joined into its curve, each labelled by the
+    points' `knob` text, and the legend names the variants."""
     panels = [p for p in panels if len(p["points"])]
     if not panels:
         return None
@@ -155,10 +158,23 @@ def plot_pareto(panels: list[dict], colours: dict, xlabel_kind: str, path: Path)
     axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
     for ax, panel in zip(axes, panels):
         pts = panel["points"]
+        named: set[str] = set()
         for _, p in pts.iterrows():
+            legend = p["label"]
+            if curves:
+                legend = p["model"] if p["model"] not in named else "_nolegend_"
+                named.add(p["model"])
             ax.errorbar(p["cost"], p["quality"], yerr=p["quality_std"] if p["seeds"] > 1 else None,
                         marker="o", ms=7, color=colours[p["model"]], ls="none", capsize=3,
-                        mec="black" if p["front"] else "none", mew=1.5, label=p["label"])
+                        mec="black" if p["front"] else "none", mew=1.5, label=legend)
+            if curves and p.get("knob"):
+                ax.annotate(p["knob"], (p["cost"], p["quality"]), textcoords="offset points", xytext=(5, 4),
+                            fontsize=7, color=colours[p["model"]])
+        if curves:
+            for model, pm in pts.groupby("model", sort=True):
+                pm = pm.sort_values("cost")
+                if len(pm) > 1:
+                    ax.plot(pm["cost"], pm["quality"], color=colours[model], lw=1, alpha=0.7, zorder=1)
         front = pts[pts["front"]].sort_values("cost")
         ax.plot(front["cost"], front["quality"], color="black", lw=1, ls="--", zorder=0, label="Pareto front")
         spread = pts["cost"].max() / max(pts["cost"].min(), 1e-300)

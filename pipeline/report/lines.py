@@ -22,6 +22,7 @@ from pipeline.schema import is_line_axis
 MODEL, SCENARIO, TASK, STATUS = (R.col(t) for t in (R.MODEL, R.SCENARIO, R.TASK, R.STATUS))
 SEQ_LEN = R.col(R.SEQ_LEN, "param")
 CKPT = R.col(R.GRAD_CHECKPOINTING, "param")
+MODEL_KNOBS = R.col(R.MODEL_PARAM_PREFIX, "param")  # params.model.*: a variant's own knobs
 
 # quality metrics, best first when a task logs several; True = higher is better
 QUALITY_METRICS: dict[str, bool] = {
@@ -68,9 +69,14 @@ def short(axis: str) -> str:
 
 
 def label(model: str, axis_values: dict[str, Any]) -> str:
-    """`model [axis=value, ...]`, or the bare model name when no axis varies."""
-    extra = ", ".join(f"{short(a)}={fmt_value(v)}" for a, v in axis_values.items())
+    """`model [axis=value, ...]`, or the bare model name when no axis varies; an axis the
+    variant has no value for (another variant's knob) is left out."""
+    extra = ", ".join(f"{short(a)}={fmt_value(v)}" for a, v in axis_values.items() if not _missing(v))
     return f"{model} [{extra}]" if extra else str(model)
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v))
 
 
 @dataclass
@@ -101,8 +107,13 @@ class Line:
         return fit_power_law(*self.series(metric))
 
     def same_axes(self, other: Line) -> bool:
-        """Whether the two lines share every other axis value (compared as text: NaN and types)."""
-        return {k: str(v) for k, v in self.axes.items()} == {k: str(v) for k, v in other.axes.items()}
+        """Whether the two lines share every other axis value (compared as text: NaN and types).
+        A variant's own knobs (`model.*`: window, features, ...) are part of the variant, not an
+        axis another variant shares, so they are not compared."""
+        def others(axes: dict[str, Any]) -> dict[str, str]:
+            return {k: str(v) for k, v in axes.items() if not k.startswith(MODEL_KNOBS)}
+
+        return others(self.axes) == others(other.axes)
 
 
 def kernel_lines(cells: pd.DataFrame, scenario: str = "kernel") -> list[Line]:
@@ -149,8 +160,8 @@ def quality_groups(cells: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     base = [MODEL, SCENARIO, TASK, SEQ_LEN]
     rows = []
-    for _, qs in q.groupby(SCENARIO, sort=True):
-        axes = varying_axes(qs, base)  # per scenario: a training-only axis does not split the rest
+    for _, qs in q.groupby([SCENARIO, TASK], sort=True, dropna=False):
+        axes = varying_axes(qs, base)  # per scenario and task: a training-only axis does not split the rest
         for key, g in qs.groupby(base + axes, dropna=False, sort=True):
             row = {"model": key[0], "scenario": key[1], "task": key[2], "n": int(key[3]),
                    "label": label(key[0], dict(zip(axes, key[4:]))), "seeds": len(g), "rows": g,
@@ -161,16 +172,21 @@ def quality_groups(cells: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def panel_scenario(groups: pd.DataFrame) -> str:
+    """The one scenario a (task, n) panel shows: the one covering most variants (ties: the first
+    by name). A training-only cell and a full cell measure throughput differently, and the same
+    training measured twice would be two points of one setting."""
+    cover = groups.groupby("scenario")["model"].nunique()
+    return str(min(cover[cover == cover.max()].index))
+
+
 def pareto_panels(groups: pd.DataFrame, costs: tuple[tuple[str, str], ...]) -> tuple[list[dict], list[str]]:
     """Per (task, n): each quality group's mean quality and the first cost every point has."""
     panels, notes = [], []
     if groups.empty:
         return panels, notes
     for (task, n), g in groups.groupby(["task", "n"], sort=True):
-        # one scenario per panel (the one covering most variants): a training-only cell and a
-        # full cell measure throughput differently, so they do not share a cost axis
-        cover = g.groupby("scenario")["model"].nunique()
-        scenario = min(cover[cover == cover.max()].index)
+        scenario = panel_scenario(g)
         g = g[g["scenario"] == scenario]
         metric = quality_metric(pd.concat(list(g["rows"])))
         if metric is None:
