@@ -26,8 +26,8 @@ MODEL_KNOBS = R.col(R.MODEL_PARAM_PREFIX, "param")  # params.model.*: a variant'
 
 # quality metrics, best first when a task logs several; True = higher is better
 QUALITY_METRICS: dict[str, bool] = {
+    R.VAL_BPC: False,  # a language model's measure; its val/acc (next-byte accuracy) is secondary
     R.VAL_ACC: True,
-    R.VAL_BPC: False,
     R.QUALITY_REL_ERR_VS_EXACT: False,
     R.QUALITY_REL_ERR_UNIFORM_MEAN: False,
     R.VAL_LOSS: False,
