@@ -173,7 +173,7 @@ def test_sigkilled_sweep_resumes_without_duplicates(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     seen = ""
     deadline = time.time() + 300
-    while "vanilla-n32-kernel: ok" not in seen and time.time() < deadline:
+    while "vanilla-n32-kernel ok" not in seen and time.time() < deadline:  # its progress line
         seen += proc.stdout.readline()
     time.sleep(2.0)  # inside the next cell
     os.killpg(proc.pid, signal.SIGKILL)
