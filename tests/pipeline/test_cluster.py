@@ -599,9 +599,10 @@ def test_real_slurm_time_limit_signal_raise_and_a_cancelled_pending_task(tmp_pat
     sid = _sweep_id(sweep_dir, proc)
     sleepy = _running(tr, sid, SLEEPY, 32, (proc,))
     array = sleepy.data.tags[R.SLURM_JOB_ID].split("_")[0]
+    # the pending task first: once the sleepy cell stops, the next ones start within a second
+    _scancel(env, f"{array}_2")  # still pending behind the other two
     # once only: a second USR2 after the cell stopped would reach submitit's own handler (a requeue)
     subprocess.run(["scancel", "--signal=USR2", sleepy.data.tags[R.SLURM_JOB_ID]], env=env, check=False)
-    _scancel(env, f"{array}_2")  # still pending behind the other two
     _finish(proc, sweep_dir)
     cells = _cells(tr, sid)
     assert len(cells) == 3 and all(len(runs) == 1 for runs in cells.values())
