@@ -47,7 +47,7 @@ def _time_order(target: str) -> float:
 def headline(scenario: str, metrics: dict[str, float]) -> str:
     """The one figure a person looks for first in a finished cell."""
     for key, label, unit in ((R.KERNEL_FWD_MS, "fwd", "ms"), (R.DECODE_MS_PER_TOKEN, "token", "ms"),
-                             (R.VAL_ACC, "val/acc", ""), (R.VAL_BPC, "val/bpc", ""),
+                             (R.VAL_ACC, R.VAL_ACC, ""), (R.VAL_BPC, R.VAL_BPC, ""),
                              (R.QUALITY_REL_ERR_VS_EXACT, "err", ""), (R.INFER_LATENCY_MS, "latency", "ms")):
         if key in metrics and metrics[key] is not None and math.isfinite(metrics[key]):
             v = metrics[key]

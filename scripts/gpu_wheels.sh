@@ -208,6 +208,7 @@ import mlflow
 import omegaconf
 from hydra import compose, initialize_config_dir
 
+from pipeline import record as R
 from pipeline.config import to_dict, validate
 from pipeline.report.load import load_runs
 from pipeline.tracking import Tracker
@@ -215,10 +216,10 @@ from pipeline.tracking import Tracker
 site = str(Path(sys.argv[1]) / "site")
 uri = f"sqlite:///{Path(sys.argv[1]) / 'verify.db'}"
 tr = Tracker(uri, "verify")
-run = tr.create_run("vanilla-n8-kernel", {"status": "running", "sweep_id": "s", "model": "vanilla",
-                                          "scenario": "kernel", "config_hash": "h"})
-tr.log(run, params={"seq_len": 8}, tags={"status": "ok"}, metrics={"kernel/fwd_ms": 1.5},
-       series={"train/loss": [2.0, 1.0]})
+run = tr.create_run("vanilla-n8-kernel", {R.STATUS: R.RUNNING, R.SWEEP_ID: "s", R.MODEL: "vanilla",
+                                          R.SCENARIO: "kernel", R.CONFIG_HASH: "h"})
+tr.log(run, params={R.SEQ_LEN: 8}, tags={R.STATUS: "ok"}, metrics={R.KERNEL_FWD_MS: 1.5},
+       series={R.TRAIN_LOSS: [2.0, 1.0]})
 tr.log_json(run, {"a": 1}, "config.json")
 tr.end_run(run, "ok")
 assert tr.find_reusable("h") is not None and tr.mark_orphans() == []

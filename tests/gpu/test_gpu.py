@@ -22,6 +22,7 @@ import torch
 
 from models.vanilla import VanillaAttention
 from models.xformers_attn import XformersAttention
+from pipeline import record as R
 from pipeline.cell import run_cell
 from pipeline.config import to_dict
 from pipeline.measure import PeakMemory
@@ -116,12 +117,12 @@ def test_oversized_cell_is_recorded_as_oom_and_the_next_cell_runs(store_uri):
 
     runs = {r.data.params["seq_len"]: r for r in Tracker(store_uri, exp).search("")}
     oom, ok = runs["262144"], runs["1024"]
-    assert oom.info.status == "FAILED" and oom.data.tags["status"] == "oom"
-    assert "out of memory" in oom.data.tags["failure_reason"].lower()
-    assert ok.info.status == "FINISHED" and ok.data.tags["status"] == "ok"
-    assert ok.data.tags["device"] == "cuda" and ok.data.tags["backend"] == "torch-matmul"
-    assert ok.data.tags["memory_method"] == "cuda.max_memory_allocated"
-    assert ok.data.metrics["kernel/fwd_ms"] > 0 and ok.data.metrics["kernel/peak_mem_mb"] > 0
+    assert oom.info.status == "FAILED" and oom.data.tags[R.STATUS] == "oom"
+    assert "out of memory" in oom.data.tags[R.FAILURE_REASON].lower()
+    assert ok.info.status == "FINISHED" and ok.data.tags[R.STATUS] == "ok"
+    assert ok.data.tags[R.DEVICE] == "cuda" and ok.data.tags[R.BACKEND] == "torch-matmul"
+    assert ok.data.tags[R.MEMORY_METHOD] == "cuda.max_memory_allocated"
+    assert ok.data.metrics[R.KERNEL_FWD_MS] > 0 and ok.data.metrics[R.KERNEL_PEAK_MEM_MB] > 0
 
 
 # ============================================================================ anywhere
@@ -183,11 +184,11 @@ def _write_sweep(uri: str, exp: str, xformers_backend: str = "xformers", cut: in
                 "config_hash": f"h{i}", "device": "cuda", "device_name": "Test GPU", "torch_version": "2.11.0",
                 "xformers_version": "0.0.35", "failure_reason": reason, **(tags or {})}
         if backend:
-            tags["backend"] = backend
+            tags[R.BACKEND] = backend
         if backend == "xformers":
-            tags["backend_detail"] = "op fa2F@2.7.4-pt; xformers C++ extension not loaded (test)"
+            tags[R.BACKEND_DETAIL] = "op fa2F@2.7.4-pt; xformers C++ extension not loaded (test)"
         elif model == "xformers" and backend:
-            tags["backend_note"] = "xformers has no operator for these inputs: (test)"
+            tags[R.BACKEND_NOTE] = "xformers has no operator for these inputs: (test)"
         run = tr.create_run(f"{model}-n{n}-{scenario}", tags, parent)
         params = {"seq_len": n, "backbone.dtype": dtype, "trainer.grad_checkpointing": ckpt,
                   "trainer.precision": "bf16-mixed" if scenario == "train" else "32-true"}
@@ -196,18 +197,18 @@ def _write_sweep(uri: str, exp: str, xformers_backend: str = "xformers", cut: in
 
     for n in N:
         if n <= 32768:
-            cell("vanilla", "kernel", n, "ok", {"kernel/fwd_ms": 1e-6 * n**2, "kernel/fwdbwd_ms": 3e-6 * n**2,
-                                                "kernel/peak_mem_mb": 1e-5 * n**2}, backend="torch-matmul")
+            cell("vanilla", "kernel", n, "ok", {R.KERNEL_FWD_MS: 1e-6 * n**2, R.KERNEL_FWDBWD_MS: 3e-6 * n**2,
+                                                R.KERNEL_PEAK_MEM_MB: 1e-5 * n**2}, backend="torch-matmul")
         elif n == 65536:
             cell("vanilla", "kernel", n, "oom", reason="OutOfMemoryError: CUDA out of memory. Tried to allocate 32 GiB")
         else:
             cell("vanilla", "kernel", n, "skipped", reason="same cell ran out of memory at n=65536 (run x)")
-        cell("xformers", "kernel", n, "ok", {"kernel/fwd_ms": 1e-7 * n**2, "kernel/fwdbwd_ms": 2e-7 * n**2,
-                                             "kernel/peak_mem_mb": 1e-3 * n},
+        cell("xformers", "kernel", n, "ok", {R.KERNEL_FWD_MS: 1e-7 * n**2, R.KERNEL_FWDBWD_MS: 2e-7 * n**2,
+                                             R.KERNEL_PEAK_MEM_MB: 1e-3 * n},
              backend=xformers_backend if n == 4096 else "xformers")
-        cell("ssm", "kernel", n, "ok", {"kernel/fwd_ms": 1e-4 * n, "kernel/fwdbwd_ms": 3e-4 * n,
-                                        "kernel/peak_mem_mb": 1e-3 * n}, backend="fft-conv")
-    cell("vanilla", "kernel", 4096, "ok", {"kernel/fwd_ms": 2.0}, dtype="float32", backend="torch-matmul",
+        cell("ssm", "kernel", n, "ok", {R.KERNEL_FWD_MS: 1e-4 * n, R.KERNEL_FWDBWD_MS: 3e-4 * n,
+                                        R.KERNEL_PEAK_MEM_MB: 1e-3 * n}, backend="fft-conv")
+    cell("vanilla", "kernel", 4096, "ok", {R.KERNEL_FWD_MS: 2.0}, dtype="float32", backend="torch-matmul",
          tags={"fwdbwd_skipped": "out of memory in forward+backward: OutOfMemoryError: CUDA out of memory (test)"})
     for _ in range(cut):  # what the deadline's SIGINT leaves of the cell it stops (pipeline/cell.py)
         cell("xformers", "kernel", 4096, "error", dtype="float32", reason="interrupted")
@@ -215,7 +216,7 @@ def _write_sweep(uri: str, exp: str, xformers_backend: str = "xformers", cut: in
          reason="predicted peak 96.50 GiB exceeds the memory budget 63.00 GiB")
     for model, (off, on), be in (("vanilla", (4000, 1000), "torch-matmul"), ("xformers", (800, 600), "xformers")):
         for ckpt, mem, ms in ((False, off, 40.0), (True, on, 52.0)):
-            cell(model, "train", 4096, "ok", {"train/peak_mem_mb": mem, "train/step_ms": ms}, ckpt=ckpt, backend=be)
+            cell(model, "train", 4096, "ok", {R.TRAIN_PEAK_MEM_MB: mem, R.TRAIN_STEP_MS: ms}, ckpt=ckpt, backend=be)
     tr.log(parent, params={"n_cells": i + never_started})
     tr.end_run(parent, "ok")
 

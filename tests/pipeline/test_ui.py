@@ -12,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from pipeline import record as R
 from pipeline.registry import REPO_ROOT
 from tests.support import run_cli
 
@@ -53,7 +54,7 @@ def test_make_ui_address_opens_the_sweep_runs_with_metric_columns(tmp_path):
         runs_url = next(line.split()[2] for line in out.splitlines() if "its runs:" in line)
         dom = _chromium("--dump-dom", runs_url)
         assert "vanilla-n64-kernel" in dom and "ssm-n64-kernel" in dom, "the cells are not rows of the table"
-        assert "kernel/fwd_ms" in dom, "no attnbench metric column"
+        assert R.KERNEL_FWD_MS in dom, "no attnbench metric column"
         _chromium(f"--screenshot={tmp_path / 'runs.png'}", runs_url)
         assert (tmp_path / "runs.png").stat().st_size > 10_000
     finally:

@@ -131,7 +131,7 @@ class _Writer:
         self.client.log_batch(
             run_id, metrics=ms, params=[Param(k, str(v)) for k, v in params.items()]
         )
-        ok = tags.get("status") in ("ok", "skipped", None)
+        ok = tags.get(R.STATUS) in ("ok", "skipped", None)
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED", end_time=now + 500)
         return run_id
 
@@ -157,7 +157,7 @@ def _common_tags(
         "exact": str(KERNEL[model][0]),
     }
     if sweep:
-        tags["sweep_id"] = sweep
+        tags[R.SWEEP_ID] = sweep
     return tags
 
 
@@ -195,25 +195,25 @@ def _kernel_metrics(model: str, n: int) -> dict:
     total = proj + mixing
     tflops = total / (fwd * 1e-3) / 1e12
     m = {
-        "kernel/fwd_ms": fwd,
-        "kernel/fwd_ms_iqr": 0.05 * fwd,
-        "kernel/fwd_ms_min": 0.95 * fwd,
-        "kernel/fwdbwd_ms": 3 * fwd,
-        "kernel/fwdbwd_ms_iqr": 0.1 * fwd,
-        "kernel/peak_mem_mb": mc * n**me,
-        "kernel/peak_mem_fwdbwd_mb": 2.5 * mc * n**me,
-        "kernel/flops_fwd_analytic": total,
-        "kernel/flops_fwd_projection": proj,
-        "kernel/flops_fwd_mixing": mixing,
-        "kernel/tflops": tflops,
-        "kernel/peak_fraction": tflops / GEMM_PEAK,
+        R.KERNEL_FWD_MS: fwd,
+        R.KERNEL_FWD_MS_IQR: 0.05 * fwd,
+        R.KERNEL_FWD_MS_MIN: 0.95 * fwd,
+        R.KERNEL_FWDBWD_MS: 3 * fwd,
+        R.KERNEL_FWDBWD_MS_IQR: 0.1 * fwd,
+        R.KERNEL_PEAK_MEM_MB: mc * n**me,
+        R.KERNEL_PEAK_MEM_FWDBWD_MB: 2.5 * mc * n**me,
+        R.KERNEL_FLOPS_FWD_ANALYTIC: total,
+        R.KERNEL_FLOPS_FWD_PROJECTION: proj,
+        R.KERNEL_FLOPS_FWD_MIXING: mixing,
+        R.KERNEL_TFLOPS: tflops,
+        R.KERNEL_PEAK_FRACTION: tflops / GEMM_PEAK,
     }
     if model == "vanilla":
-        m["kernel/flops_fwd"] = proj + 2 * mixing  # the counter sees the full masked square
+        m[R.KERNEL_FLOPS_FWD] = proj + 2 * mixing  # the counter sees the full masked square
     elif model == "longformer":
-        m["kernel/flops_fwd"] = total
+        m[R.KERNEL_FLOPS_FWD] = total
     elif model == "performer":
-        m["kernel/flops_fwd"] = (
+        m[R.KERNEL_FLOPS_FWD] = (
             0.0  # an old run that logged the counter's 0: must read "not counted"
         )
     return m
@@ -258,7 +258,7 @@ def build_fixture_store(root: Path, decode: bool = True) -> FixtureStore:
         "vanilla-n512-kernel",
         {**_common_tags("vanilla", "kernel", "mqar", 512, "ok", OLD_SWEEP), "backend": "math"},
         {**_params("vanilla", "kernel", "mqar", 512), "gemm_peak_tflops": GEMM_PEAK, "budget_mem_mb": BUDGET_MB},
-        {**_kernel_metrics("vanilla", 512), "kernel/fwd_ms": 99.0},
+        {**_kernel_metrics("vanilla", 512), R.KERNEL_FWD_MS: 99.0},
     )
     old_cells = 2
 
@@ -284,15 +284,15 @@ def build_fixture_store(root: Path, decode: bool = True) -> FixtureStore:
         nonlocal cells
         tags = _common_tags(model, scenario, task, n, status, SWEEP)
         if seed or ckpt:
-            tags["config_hash"] += f"-s{seed}" + ("-ckpt" if ckpt else "")
-        tags["backend"] = backend or BACKEND[model]
+            tags[R.CONFIG_HASH] += f"-s{seed}" + ("-ckpt" if ckpt else "")
+        tags[R.BACKEND] = backend or BACKEND[model]
         if reason:
-            tags["failure_reason"] = reason
+            tags[R.FAILURE_REASON] = reason
         tags.update(extra_tags or {})
         params = _params(model, scenario, task, n, seed, ckpt)
         if scenario == "kernel":
-            params["gemm_peak_tflops"] = GEMM_PEAK
-            params["budget_mem_mb"] = BUDGET_MB
+            params[R.GEMM_PEAK_TFLOPS] = GEMM_PEAK
+            params[R.BUDGET_MEM_MB] = BUDGET_MB
         params.update(extra_params or {})
         name = f"{model}-n{n}-{scenario}" + ("-ckpt" if ckpt else "")
         rid = w.run(name, tags, params, metrics or {}, history, parent=parent)
@@ -351,16 +351,16 @@ def build_fixture_store(root: Path, decode: bool = True) -> FixtureStore:
                     "mqar",
                     n,
                     seed=seed,
-                    history={"train/loss": [2.0, 1.5, 1.0 - q / 2]},
+                    history={R.TRAIN_LOSS: [2.0, 1.5, 1.0 - q / 2]},
                     metrics={
-                        "val/acc": q,
-                        "val/loss": 1 - q,
-                        "train/tokens_per_s": tps * 64 / n,
-                        "train/step_ms": 1e3 * B * n / tps,
-                        "train/peak_mem_mb": mem + n / 8,
-                        "infer/latency_ms": 2.0,
-                        "infer/tokens_per_s": 2 * tps,
-                        "infer/peak_mem_mb": 30.0,
+                        R.VAL_ACC: q,
+                        R.VAL_LOSS: 1 - q,
+                        R.TRAIN_TOKENS_PER_S: tps * 64 / n,
+                        R.TRAIN_STEP_MS: 1e3 * B * n / tps,
+                        R.TRAIN_PEAK_MEM_MB: mem + n / 8,
+                        R.INFER_LATENCY_MS: 2.0,
+                        R.INFER_TOKENS_PER_S: 2 * tps,
+                        R.INFER_PEAK_MEM_MB: 30.0,
                     },
                 )
     for model, err in FIDELITY.items():
@@ -370,9 +370,9 @@ def build_fixture_store(root: Path, decode: bool = True) -> FixtureStore:
             "fidelity",
             256,
             metrics={
-                "quality/rel_err_vs_exact": err,
-                "infer/tokens_per_s": MQAR[model][1],
-                "infer/peak_mem_mb": MQAR[model][2] / 3,
+                R.QUALITY_REL_ERR_VS_EXACT: err,
+                R.INFER_TOKENS_PER_S: MQAR[model][1],
+                R.INFER_PEAK_MEM_MB: MQAR[model][2] / 3,
             },
         )
     for model, (mem_on, step_on) in CKPT_ON.items():
@@ -384,10 +384,10 @@ def build_fixture_store(root: Path, decode: bool = True) -> FixtureStore:
                 128,
                 ckpt=ckpt,
                 metrics={
-                    "train/peak_mem_mb": mem,
-                    "train/step_ms": step,
-                    "train/tokens_per_s": 128e3 / step,
-                    "val/acc": MQAR[model][0][0],
+                    R.TRAIN_PEAK_MEM_MB: mem,
+                    R.TRAIN_STEP_MS: step,
+                    R.TRAIN_TOKENS_PER_S: 128e3 / step,
+                    R.VAL_ACC: MQAR[model][0][0],
                 },
             )
     for model in DECODE if decode else ():

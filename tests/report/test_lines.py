@@ -8,16 +8,17 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from pipeline import record as R
 from pipeline.report.figures import variant_colours
 from pipeline.report.lines import CKPT, Line, checkpointing_effect, memory_budget_mb, varying_axes
 
 
 def test_varying_axes():
     base = {
-        "tags.model": "m",
+        R.col(R.MODEL): "m",
         "params.backbone.d_model": 64,
         "params.seed": 0,
-        "params.gemm_peak_tflops": 1.0,
+        R.col(R.GEMM_PEAK_TFLOPS): 1.0,
     }
     rows = []
     for n in (256, 512):
@@ -30,14 +31,14 @@ def test_varying_axes():
                         "params.backbone.dtype": dtype,
                         "params.seed": seed,
                         "params.batch_size": n // 256,  # scaled with n: not an axis of its own
-                        "params.gemm_peak_tflops": 1.0 + seed,
+                        R.col(R.GEMM_PEAK_TFLOPS): 1.0 + seed,
                     }
                 )  # added by the scenario: not an axis
     assert varying_axes(pd.DataFrame(rows)) == ["params.backbone.dtype"]
 
 
 def test_timing_knobs_and_run_switches_are_not_axes():
-    rows = [{"tags.model": "m", "params.seq_len": 256, "params.scenario.min_time_s": t,
+    rows = [{R.col(R.MODEL): "m", "params.seq_len": 256, "params.scenario.min_time_s": t,
              "params.tracking.uri": f"sqlite:///{t}.db", "params.timeout_s": 100 * t,
              "params.budget.memory_gb": t, "params.model.window": w}
             for t in (1, 2) for w in (8, 16)]
@@ -55,14 +56,14 @@ def test_checkpointing_effect_pairs_on_and_off():
     for ckpt, mem, step in ((False, 200.0, 10.0), (True, 50.0, 13.0)):
         rows.append(
             {
-                "tags.model": "m",
-                "tags.scenario": "train",
-                "tags.task": "t",
-                "tags.status": "ok",
+                R.col(R.MODEL): "m",
+                R.col(R.SCENARIO): "train",
+                R.col(R.TASK): "t",
+                R.col(R.STATUS): "ok",
                 "params.seq_len": 128,
                 CKPT: ckpt,
-                "metrics.train/peak_mem_mb": mem,
-                "metrics.train/step_ms": step,
+                R.col(R.TRAIN_PEAK_MEM_MB): mem,
+                R.col(R.TRAIN_STEP_MS): step,
             }
         )
     eff = checkpointing_effect(pd.DataFrame(rows))
@@ -73,26 +74,26 @@ def test_checkpointing_effect_pairs_on_and_off():
 
 def test_memory_budget_sources():
     rows = pd.DataFrame(
-        [{"tags.model": "m", "tags.device": "cuda", "tags.status": "ok", "params.seq_len": 1}]
+        [{R.col(R.MODEL): "m", R.col(R.DEVICE): "cuda", R.col(R.STATUS): "ok", "params.seq_len": 1}]
     )
     line = Line("m", {}, rows, exact=True)
     assert memory_budget_mb(line, 2.0)[0] == 2048
     budget, why = memory_budget_mb(line, None)
     assert budget is None and "--budget-gb" in why  # no silent guess for an accelerator
-    line.rows = rows.assign(**{"params.device_memory_gb": 80.0})
+    line.rows = rows.assign(**{R.col(R.DEVICE_MEMORY_GB): 80.0})
     assert memory_budget_mb(line, None)[0] == 80 * 1024
     # a cpu line is judged by what its cells logged too, never by this machine's RAM
-    line.rows = rows.assign(**{"tags.device": "cpu"})
+    line.rows = rows.assign(**{R.col(R.DEVICE): "cpu"})
     budget, why = memory_budget_mb(line, None)
     assert budget is None and "--budget-gb" in why
 
 
 def test_memory_budget_is_the_one_pre_flight_logged():
-    rows = pd.DataFrame({"tags.model": "m", "tags.device": "cpu", "tags.status": "ok",
-                         "params.seq_len": [256, 512], "params.device_memory_gb": 64.0,
-                         "params.budget_mem_mb": [4096.0, 3072.0]})
+    rows = pd.DataFrame({R.col(R.MODEL): "m", R.col(R.DEVICE): "cpu", R.col(R.STATUS): "ok",
+                         "params.seq_len": [256, 512], R.col(R.DEVICE_MEMORY_GB): 64.0,
+                         R.col(R.BUDGET_MEM_MB): [4096.0, 3072.0]})
     line = Line("m", {}, rows, exact=True)
     assert memory_budget_mb(line, None) == (3072.0, "3.00 GiB (logged budget_mem_mb, the smallest of its cells)")
-    line.rows = rows.assign(**{"params.budget_mem_mb": 4096.0})
+    line.rows = rows.assign(**{R.col(R.BUDGET_MEM_MB): 4096.0})
     assert memory_budget_mb(line, None) == (4096.0, "4.00 GiB (logged budget_mem_mb)")
     assert memory_budget_mb(line, 1.5) == (1536.0, "1.5 GiB (--budget-gb)")  # the explicit override wins

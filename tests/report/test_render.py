@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from pipeline import record as R
 from pipeline.report.document import Doc, inline
 from pipeline.report.format import fmt
 from pipeline.report.lines import Line
@@ -33,10 +34,10 @@ def test_ratio_table_with_exact_lines_only():
         n = np.array([1024, 2048, 4096])
         rows = pd.DataFrame(
             {
-                "tags.status": "ok",
+                R.col(R.STATUS): "ok",
                 "params.seq_len": n,
-                "metrics.kernel/fwd_ms": coef * n**2.0,
-                "metrics.kernel/peak_mem_mb": coef * n,
+                R.col(R.KERNEL_FWD_MS): coef * n**2.0,
+                R.col(R.KERNEL_PEAK_MEM_MB): coef * n,
             }
         )
         return Line(model, {}, rows, True)
@@ -53,14 +54,14 @@ def test_ratio_table_with_exact_lines_only():
 
 def test_failures_section_lists_ok_cells_without_forward_backward():
     cells = pd.DataFrame({
-        "tags.status": ["ok", "ok", "oom"],
-        "tags.model": ["vanilla", "xformers", "vanilla"],
-        "tags.scenario": ["kernel"] * 3,
-        "tags.task": ["mqar"] * 3,
+        R.col(R.STATUS): ["ok", "ok", "oom"],
+        R.col(R.MODEL): ["vanilla", "xformers", "vanilla"],
+        R.col(R.SCENARIO): ["kernel"] * 3,
+        R.col(R.TASK): ["mqar"] * 3,
         "params.seq_len": [65536, 65536, 131072],
         "params.backbone.dtype": ["bfloat16"] * 3,
-        "tags.failure_reason": [None, None, "OutOfMemoryError: CUDA out of memory"],
-        "tags.fwdbwd_skipped": ["out of memory in forward+backward: OutOfMemoryError: CUDA out of memory", None, None],
+        R.col(R.FAILURE_REASON): [None, None, "OutOfMemoryError: CUDA out of memory"],
+        R.col(R.FWDBWD_SKIPPED): ["out of memory in forward+backward: OutOfMemoryError: CUDA out of memory", None, None],
         "run_name": ["vanilla-n65536-kernel", "xformers-n65536-kernel", "vanilla-n131072-kernel"],
         "run_id": ["aaaaaaaa11", "bbbbbbbb22", "cccccccc33"],
     })
@@ -77,8 +78,8 @@ def test_failures_section_lists_ok_cells_without_forward_backward():
 
 def test_provenance_when_no_cell_got_as_far_as_a_backend():
     # every cell failed before its mixer ran (e.g. a GPU grid on a machine without CUDA)
-    cells = pd.DataFrame({"tags.status": ["error", "error"], "tags.model": ["ssm", "xformers"],
-                          "tags.scenario": ["kernel", "kernel"], "tags.device": ["cpu", "cpu"]})
+    cells = pd.DataFrame({R.col(R.STATUS): ["error", "error"], R.col(R.MODEL): ["ssm", "xformers"],
+                          R.col(R.SCENARIO): ["kernel", "kernel"], R.col(R.DEVICE): ["cpu", "cpu"]})
     doc = Doc()
     section_provenance(doc, cells)
     md = doc.markdown()

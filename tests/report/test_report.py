@@ -15,6 +15,7 @@ import sys
 import pandas as pd
 import pytest
 
+from pipeline import record as R
 from pipeline.registry import REPO_ROOT
 from pipeline.report import build
 from pipeline.report.lines import kernel_lines, memory_budget_mb
@@ -47,13 +48,13 @@ def test_experiment_keeps_latest_per_config_hash(store):
     ids = set(t.frame["run_id"])
     assert len(t.frame) == store.experiment_cells
     assert store.superseded_run_id not in ids and store.parent_run_id not in ids
-    assert t.frame["tags.config_hash"].is_unique
+    assert t.frame[R.col(R.CONFIG_HASH)].is_unique
     v512 = t.frame[
-        (t.frame["tags.model"] == "vanilla")
+        (t.frame[R.col(R.MODEL)] == "vanilla")
         & (t.frame["params.seq_len"] == 512)
-        & (t.frame["tags.scenario"] == "kernel")
+        & (t.frame[R.col(R.SCENARIO)] == "kernel")
     ]
-    assert v512["metrics.kernel/fwd_ms"].item() == pytest.approx(2e-6 * 512**2)
+    assert v512[R.col(R.KERNEL_FWD_MS)].item() == pytest.approx(2e-6 * 512**2)
     assert any("superseded" in n for n in t.notes)
 
 
@@ -66,10 +67,10 @@ def test_fits_on_store_lines(store):
     for model, (exact, _, t_order, _, m_order) in store.kernel.items():
         ln = lines[model]
         assert ln.exact is exact
-        assert ln.fit("kernel/fwd_ms").exponent == pytest.approx(t_order, abs=0.05)
-        assert ln.fit("kernel/peak_mem_mb").exponent == pytest.approx(m_order, abs=0.05)
+        assert ln.fit(R.KERNEL_FWD_MS).exponent == pytest.approx(t_order, abs=0.05)
+        assert ln.fit(R.KERNEL_PEAK_MEM_MB).exponent == pytest.approx(m_order, abs=0.05)
     # vanilla's 4096 ran out of memory: its fit stops at 2048
-    assert lines["vanilla"].fit("kernel/fwd_ms").lengths == (512, 1024, 2048)
+    assert lines["vanilla"].fit(R.KERNEL_FWD_MS).lengths == (512, 1024, 2048)
 
 
 def test_output_files(built):
@@ -96,11 +97,11 @@ def test_results_csv_one_row_per_cell(built, store):
     for col in (
         "params.seq_len",
         "params.backbone.dtype",
-        "metrics.kernel/fwd_ms",
-        "metrics.val/acc",
-        "tags.status",
-        "tags.backend",
-        "tags.config_hash",
+        R.col(R.KERNEL_FWD_MS),
+        R.col(R.VAL_ACC),
+        R.col(R.STATUS),
+        R.col(R.BACKEND),
+        R.col(R.CONFIG_HASH),
     ):
         assert col in df.columns, col
 
@@ -185,7 +186,7 @@ def test_pareto_in_report(built):
     sec = _section(md, 2)
     # mqar at n=128: xformers matches vanilla's accuracy for less time, longformer is cheapest
     assert (
-        _row(sec, "mqar", "128", "full", "val/acc", "training time per token (µs)")
+        _row(sec, "mqar", "128", "full", R.VAL_ACC, "training time per token (µs)")
         .rstrip(" |")
         .endswith("longformer, xformers")
     )
