@@ -37,6 +37,19 @@ def _new_figure(ncols: int = 1, width: float = 6.4, height: float = 4.6):
     return fig, list(axes)
 
 
+def _panel_grid(n_panels: int, width: float, height: float):
+    """A figure of n panels, at most 3 a row; the panels past n (of the last row) are hidden."""
+    from matplotlib.figure import Figure
+
+    ncols = min(n_panels, 3)
+    nrows = math.ceil(n_panels / ncols)
+    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110, format="png", metadata={"Software": None})
     return path
@@ -150,12 +163,7 @@ def plot_pareto(panels: list[dict], colours: dict, xlabel_kind: str, path: Path,
     panels = [p for p in panels if len(p["points"])]
     if not panels:
         return None
-    ncols = min(len(panels), 3)
-    nrows = math.ceil(len(panels) / ncols)
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.4 * ncols, 5.2 * nrows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    fig, axes = _panel_grid(len(panels), 5.4, 5.2)
     for ax, panel in zip(axes, panels):
         pts = panel["points"]
         named: set[str] = set()
@@ -187,8 +195,6 @@ def plot_pareto(panels: list[dict], colours: dict, xlabel_kind: str, path: Path,
         ax.grid(True, alpha=0.3)
         # below the panel: inside it would cover points
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
     fig.suptitle(f"Quality vs {xlabel_kind} (outlined points: Pareto front)")
     return _save(fig, path)
 
@@ -226,12 +232,8 @@ def plot_two_term(panels: list[dict], path: Path) -> Path | None:
     if not panels:
         return None
     from matplotlib import colormaps
-    from matplotlib.figure import Figure
 
-    ncols = min(len(panels), 3)
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(5.4 * ncols, 4.6 * nrows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    fig, axes = _panel_grid(len(panels), 5.4, 4.6)
     widths = sorted({s["D"] for p in panels for s in p["series"]})
     cmap = colormaps["viridis"]
     colour = {d: cmap(i / max(len(widths) - 1, 1) * 0.9) for i, d in enumerate(widths)}
@@ -251,6 +253,4 @@ def plot_two_term(panels: list[dict], path: Path) -> Path | None:
         ax.set_title(panel["title"])
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=7, title="— fit  -- n²·D  ·· n·D²", title_fontsize=7)
-    for ax in axes[len(panels):]:
-        ax.set_visible(False)
     return _save(fig, path)
