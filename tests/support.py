@@ -41,3 +41,12 @@ class ShapeRecorder(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.shapes.append((str(func), tuple(t.shape)))
         return out
+
+
+def table_row(section: str, *starts: str) -> str:
+    """The Markdown table row of a report section whose first cells are `starts`."""
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[: len(starts)] == list(starts):
+            return line
+    raise AssertionError(f"no row starting {starts} in:\n{section}")

@@ -24,6 +24,7 @@ from pipeline.report.document import Doc
 from pipeline.report.lines import kernel_lines, memory_budget_mb
 from pipeline.report.load import load_runs
 from tests.report.conftest import BUDGET_MB, DECODE_K, DECODE_LENGTHS, build_fixture_store
+from tests.support import table_row
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +35,6 @@ def decode_lines(store):
 
 def _decoding(md: str) -> str:
     return md.split("\n## Decoding\n")[1].split("\n## ")[0]
-
-
-def _row(section: str, *starts: str) -> str:
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[: len(starts)] == list(starts):
-            return line
-    raise AssertionError(f"no row starting {starts} in:\n{section}")
 
 
 def test_decode_lines_are_their_own(store, decode_lines):
@@ -103,17 +96,17 @@ def test_decoding_section_in_report(built, store):
     assert "| longformer | no | constant (1 MiB) | 0.00 |" in sec
     for (eff, ex) in (("longformer", "vanilla"), ("performer", "xformers")):
         n = store.expected[(eff, ex, "decode")]
-        assert f"n ≈ {n:,.0f}" in _row(sec, eff, ex)
+        assert f"n ≈ {n:,.0f}" in table_row(sec, eff, ex)
     at_budget = sec.split("### Context at the memory budget (predicted)")[1]
-    vanilla = _row(at_budget, "vanilla")  # the report was built with --budget-gb 1
+    vanilla = table_row(at_budget, "vanilla")  # the report was built with --budget-gb 1
     assert f"predicted ≈ {store.expected[('vanilla', 'decode_context_1gb')]:,.0f} tokens" in vanilla
     assert "1 GiB (--budget-gb)" in vanilla
     assert vanilla.endswith(f"| {store.expected[('vanilla', 'decode_context_logged')]:,.0f} |")
-    assert "never: constant state" in _row(at_budget, "performer")
+    assert "never: constant state" in table_row(at_budget, "performer")
     state = sec.split("### State memory")[1].split("\n### ")[0]
     assert "| n = 8,192 |" in state
-    assert _row(state, "vanilla").endswith("| 4.02 / 4.02 |")  # (8192 + 32) / 2048 MiB
-    assert _row(state, "longformer").endswith("| 1 / 1 |")
+    assert table_row(state, "vanilla").endswith("| 4.02 / 4.02 |")  # (8192 + 32) / 2048 MiB
+    assert table_row(state, "longformer").endswith("| 1 / 1 |")
     for name in ("decode_latency.png", "decode_state.png"):
         assert (path / name).stat().st_size > 0, name
 

@@ -20,18 +20,11 @@ from pipeline.registry import REPO_ROOT
 from pipeline.report import build
 from pipeline.report.lines import kernel_lines, memory_budget_mb
 from pipeline.report.load import load_runs
+from tests.support import table_row
 
 
 def _section(md: str, number: int) -> str:
     return md.split(f"## {number}.")[1].split("\n## ")[0]
-
-
-def _row(section: str, *starts: str) -> str:
-    for line in section.splitlines():
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[: len(starts)] == list(starts):
-            return line
-    raise AssertionError(f"no row starting {starts} in:\n{section}")
 
 
 def test_sweep_selection(store):
@@ -133,27 +126,27 @@ def test_headline(built):
     assert "n = 2,048" in sec  # largest length every line ran ok
     assert "| vanilla | yes | 2.00 | 2.00 | 2.00 | 512, 1,024, 2,048 |" in sec
     assert "| longformer | no | 1.00 | 1.00 | 1.00 | 1,024, 2,048, 4,096 |" in sec
-    assert "sdpa_flash, sdpa_math" in _row(sec, "xformers")
-    assert "val/acc 0.95 ± 0.014 (2 seeds) at n = 128" in _row(sec, "vanilla")
+    assert "sdpa_flash, sdpa_math" in table_row(sec, "xformers")
+    assert "val/acc 0.95 ± 0.014 (2 seeds) at n = 128" in table_row(sec, "vanilla")
 
 
 def test_crossovers_in_report(built, store):
     _, md, _ = built
     sec = _section(md, 3)
-    lv = _row(sec, "longformer", "vanilla")
+    lv = table_row(sec, "longformer", "vanilla")
     assert f"n ≈ {store.expected[('longformer', 'vanilla', 'fwd')]:,.0f}" in lv
     assert f"n ≈ {store.expected[('longformer', 'vanilla', 'mem')]:,.0f}" in lv
-    assert f"n ≈ {store.expected[('longformer', 'xformers', 'fwd')]:,.0f}" in _row(
+    assert f"n ≈ {store.expected[('longformer', 'xformers', 'fwd')]:,.0f}" in table_row(
         sec, "longformer", "xformers"
     )
-    pv = _row(sec, "performer", "vanilla")
+    pv = table_row(sec, "performer", "vanilla")
     assert "not reached within the grid" in pv and "smaller at every n measured" in pv
     # ratios at the largest common length: vanilla ran out of memory at 4096, so 2048 there
     ratios = sec.split("Ratios at the largest length")[1]
-    assert _row(ratios, "xformers", "vanilla").endswith(
+    assert table_row(ratios, "xformers", "vanilla").endswith(
         "| 2.00× faster (n = 2,048) | 2.00× faster (n = 2,048) | 16.4× smaller (n = 2,048) |"
     )
-    assert "| 1.02× faster (n = 4,096) |" in _row(ratios, "longformer", "xformers")
+    assert "| 1.02× faster (n = 4,096) |" in table_row(ratios, "longformer", "xformers")
     assert not any(line.startswith("| vanilla | xformers |") for line in ratios.splitlines())
 
 
@@ -164,21 +157,21 @@ def test_theory_section(built):
         assert figure in sec, figure
     # a counted 0 (performer) and an absent count (xformers) both read "not counted"
     for model in ("performer", "xformers"):
-        assert "not counted" in _row(sec, model, "1,024")
-    assert "not counted" not in _row(sec, "vanilla", "1,024")
-    assert "| 20.0% | 80.0% |" in _row(sec, "vanilla", "1,024")  # projection vs mixing share
+        assert "not counted" in table_row(sec, model, "1,024")
+    assert "not counted" not in table_row(sec, "vanilla", "1,024")
+    assert "| 20.0% | 80.0% |" in table_row(sec, "vanilla", "1,024")  # projection vs mixing share
 
 
 def test_memory_wall_and_checkpointing(built, store):
     _, md, _ = built
-    wall = _row(_section(md, 5), "vanilla")
+    wall = table_row(_section(md, 5), "vanilla")
     assert (
         f"predicted n ≈ {store.expected[('vanilla', 'wall_1gb')]:,.0f}" in wall
         and "--budget-gb" in wall
     )
     ck = md.split("### Gradient checkpointing")[1].split("\n## ")[0]
-    assert "40.0%" in _row(ck, "vanilla") and "+30.0%" in _row(ck, "vanilla")
-    assert "25.0%" in _row(ck, "longformer") and "+20.0%" in _row(ck, "longformer")
+    assert "40.0%" in table_row(ck, "vanilla") and "+30.0%" in table_row(ck, "vanilla")
+    assert "25.0%" in table_row(ck, "longformer") and "+20.0%" in table_row(ck, "longformer")
 
 
 def test_pareto_in_report(built):
@@ -186,7 +179,7 @@ def test_pareto_in_report(built):
     sec = _section(md, 2)
     # mqar at n=128: xformers matches vanilla's accuracy for less time, longformer is cheapest
     assert (
-        _row(sec, "mqar", "128", "full", R.VAL_ACC, "training time per token (µs)")
+        table_row(sec, "mqar", "128", "full", R.VAL_ACC, "training time per token (µs)")
         .rstrip(" |")
         .endswith("longformer, xformers")
     )
@@ -225,7 +218,7 @@ def test_module_entry_point(store, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"report written to {tmp_path}/report.html" in r.stdout
     md = (tmp_path / "report.md").read_text(encoding="utf-8")
-    wall = _row(_section(md, 5), "vanilla")
+    wall = table_row(_section(md, 5), "vanilla")
     assert f"predicted n ≈ {store.expected[('vanilla', 'wall_logged')]:,.0f}" in wall
     assert "2.00 GiB (logged budget_mem_mb)" in wall
     bad = subprocess.run([sys.executable, "-m", "pipeline.report", "--experiment", "no-such-experiment"],
