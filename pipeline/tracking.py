@@ -93,10 +93,11 @@ _OPEN_TRIES = 7  # about 30 s of waits
 def _half_created(e: Exception) -> bool:
     """A process that does not take first_open_lock (a plain MLflow client, `mlflow ui`) is creating
     or migrating the same new store's tables at this moment: MLflow fails this open with `table
-    ... already exists`, a missing table or a half-applied migration. Once the other process is
-    done the store is usable, so the open is tried again."""
+    ... already exists`, a missing table or column (a migration not yet applied) or a half-applied
+    migration. Once the other process is done the store is usable, so the open is tried again."""
     msg = str(e).lower()
-    return any(s in msg for s in ("already exists", "no such table", "alembic", "migration", "locked"))
+    return any(s in msg for s in ("already exists", "no such table", "no such column", "alembic",
+                                  "migration", "locked"))
 
 
 @contextlib.contextmanager
