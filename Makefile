@@ -42,7 +42,7 @@ test: install ## run the fast test suite (slow and gpu tests excluded)
 test-all: install ## run every CPU test, slow ones included
 	$(BIN)/pytest -q -m "not gpu"
 
-smoke: install ## toy-sized sweep of the whole pipeline (27 cells, ~50 s on 2 cores)
+smoke: install ## toy-sized sweep of the whole pipeline (27 cells)
 	$(BIN)/python -m pipeline.run -m grid=smoke $(ARGS)
 
 sweep: install ## the default CPU sweep (grid=cpu), then its report
