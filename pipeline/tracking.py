@@ -100,6 +100,23 @@ def _half_created(e: Exception) -> bool:
                                   "migration", "locked"))
 
 
+def _drop_interrupted_migration(uri: str) -> None:
+    """A migration another client left half done keeps its `_alembic_tmp_*` copy, and every later
+    open fails on it. On a store with no runs yet nothing is lost by dropping that copy: the next
+    open applies the migration again."""
+    if not uri.startswith("sqlite:///"):
+        return
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(uri[len("sqlite:///"):], timeout=10)) as db:
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "runs" in names and db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]:
+            return
+        for name in sorted(n for n in names if n.startswith("_alembic_tmp_")):
+            db.execute(f'DROP TABLE "{name}"')
+        db.commit()
+
+
 @contextlib.contextmanager
 def first_open_lock(uri: str):
     """MLflow creates and migrates a SQLite store's tables on a process's first access; several
@@ -173,6 +190,8 @@ class Tracker:
                         if not _half_created(e) or attempt == _OPEN_TRIES - 1:
                             raise
                         time.sleep(min(0.5 * 2 ** attempt, 8.0))
+                        if attempt >= 2:  # the other client has had seconds to finish
+                            _drop_interrupted_migration(uri)
         except Exception as e:  # noqa: BLE001
             raise TrackingError(f"cannot open tracking store {uri}: {str(e).splitlines()[0]}") from None
 
