@@ -117,6 +117,65 @@ def _drop_interrupted_migration(uri: str) -> None:
         db.commit()
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def _create_store_whole(uri: str) -> None:
+    """A new SQLite store appears at its path complete or not at all: its tables are created and
+    migrated in a private file, which is then hard-linked into place (atomic; refused if the path
+    exists). A plain MLflow client (no first-open lock) opening the path meanwhile either created
+    it first, and migrates it alone, or finds the finished store and only checks its schema."""
+    db = _sqlite_path(uri)
+    if db is None or db.exists():
+        return
+    from mlflow.tracking._tracking_service.utils import _get_sqlalchemy_store
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    private = db.with_name(f".{db.name}.new-{os.getpid()}")
+    private.unlink(missing_ok=True)
+    try:
+        # the store class and artifact root a plain client would pick for this path
+        store = _get_sqlalchemy_store(f"sqlite:///{private}", None)
+        type(store)._engine_map.pop(store.db_uri, None)
+        store.engine.dispose()
+        with contextlib.suppress(FileExistsError):  # another client created the path meanwhile
+            os.link(private, db)
+    finally:
+        private.unlink(missing_ok=True)
+
+
+def _schema_head() -> str:
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    return _get_latest_schema_revision()
+
+
+def _wait_while_migrated_elsewhere(uri: str, quiet_s: float = 10.0, limit_s: float = 90.0) -> None:
+    """A store another client created moments ago may still be migrating: opening it now would
+    run the same migration a second time, concurrently, and break the store. Wait until its
+    schema is at MLflow's head, or until the file has not changed for quiet_s (nobody is working
+    on it: an older store, which the open then upgrades), or limit_s."""
+    import sqlite3
+    from urllib.parse import quote
+
+    db = _sqlite_path(uri)
+    if db is None or not db.exists() or time.time() - db.stat().st_mtime > quiet_s:
+        return
+    head, start = _schema_head(), time.monotonic()
+    while time.monotonic() - start < limit_s:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=1)) as c:
+                names = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                done = "alembic_version" in names and not any(n.startswith("_alembic_tmp_") for n in names) \
+                    and c.execute("SELECT version_num FROM alembic_version").fetchone() == (head,)
+        except sqlite3.Error:  # locked by the migration, or a table not there yet
+            done = False
+        if done or time.time() - db.stat().st_mtime > quiet_s:
+            return
+        time.sleep(0.25)
+
+
 @contextlib.contextmanager
 def first_open_lock(uri: str):
     """MLflow creates and migrates a SQLite store's tables on a process's first access; several
@@ -181,6 +240,8 @@ class Tracker:
         try:
             # MlflowClient opens the store (and on a new one creates the tables) when constructed
             with first_open_lock(uri):
+                _create_store_whole(uri)
+                _wait_while_migrated_elsewhere(uri)
                 for attempt in range(_OPEN_TRIES):
                     try:
                         self.client = MlflowClient(tracking_uri=uri)

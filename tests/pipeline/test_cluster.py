@@ -429,17 +429,33 @@ _OUR_OPEN = "import sys; from pipeline.tracking import Tracker; Tracker(sys.argv
 
 def test_a_store_created_by_a_plain_client_at_the_same_moment_is_used(tmp_path):
     """A plain MLflow client (no first-open lock) creating a fresh SQLite store in the same second
-    as a sweep opens it: MLflow fails the sweep's open with `table ... already exists` or a
-    half-applied migration. Once the tables exist the store is usable: the tracker opens again."""
+    as a sweep opens it: two migrations of one new store at once break it (`already exists`,
+    circular dependencies, a half-applied revision). The tracker never runs the second one: it
+    creates a store whole and links it into place, or waits for the other client's migration.
+    Both opens succeed."""
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     uri = f"sqlite:///{tmp_path / 'fresh.db'}"
     plain = subprocess.Popen([sys.executable, "-c", _PLAIN_OPEN, uri], cwd=REPO, env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ours = subprocess.run([sys.executable, "-c", _OUR_OPEN, uri], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=LIMIT_S)
-    plain.wait(timeout=LIMIT_S)
+    _, plain_err = plain.communicate(timeout=LIMIT_S)
     assert ours.returncode == 0 and "opened" in ours.stdout, ours.stderr[-2000:]
+    assert plain.returncode == 0, plain_err[-2000:]
     assert Tracker(uri, "x").search("") == []
+
+
+def test_a_new_store_appears_whole_and_an_existing_path_is_never_replaced(tmp_path):
+    from pipeline.tracking import _create_store_whole
+
+    taken = tmp_path / "taken.db"
+    taken.write_bytes(b"")  # another client's connect has just created it
+    _create_store_whole(f"sqlite:///{taken}")
+    assert taken.read_bytes() == b""
+    fresh = tmp_path / "sub" / "fresh.db"
+    _create_store_whole(f"sqlite:///{fresh}")
+    assert fresh.stat().st_size > 0 and sorted(p.name for p in fresh.parent.iterdir()) == ["fresh.db"]
+    assert Tracker(f"sqlite:///{fresh}", "x").search("") == []
 
 
 # ----------------------------------------------------------------------------- the launcher's choices
