@@ -118,6 +118,17 @@ def summarize(samples_ms: list[float]) -> dict[str, float]:
     return {"median": statistics.median(s), "iqr": iqr, "min": s[0], "count": float(len(s))}
 
 
+def loss_fall_last_quarter(losses: list[float]) -> float | None:
+    """How much a fit was still learning when it stopped: the mean loss of the third quarter of
+    its steps minus that of the last quarter, over the last quarter's (0.03: the loss still fell
+    3 % over the last quarter). None with fewer than 8 steps or a last quarter at or below 0."""
+    q = len(losses) // 4
+    if q < 2:
+        return None
+    third, last = statistics.fmean(losses[-2 * q:-q]), statistics.fmean(losses[-q:])
+    return (third - last) / last if last > 0 else None
+
+
 # --- memory -------------------------------------------------------------------
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")

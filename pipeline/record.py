@@ -158,6 +158,8 @@ TRAIN_STEPS = _metric("train/steps", "count", "training steps run")
 TRAIN_TOKENS_PER_S = _metric("train/tokens_per_s", "tokens/s", "tokens per median step time")
 TRAIN_PEAK_MEM_MB = _metric("train/peak_mem_mb", "MiB", "peak memory of the fit (max over ranks)")
 TRAIN_FINAL_LOSS = _metric("train/final_loss", "nats", "the last training step's loss")
+TRAIN_LOSS_FALL = _metric("train/loss_fall_last_quarter", "fraction",
+                          "(mean loss of the third quarter of steps - of the last) / the last's: above ~1 % the model was still learning")
 TRAIN_WORLD_SIZE = _metric("train/world_size", "count", "ranks of the fit")
 TRAIN_FIT_S = _metric("train/fit_s", "s", "the whole fit: steps, data, Lightning's own work")
 TRAIN_LOSS = _metric("train/loss", "nats", "training loss, one value per step (a series)")

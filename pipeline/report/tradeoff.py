@@ -56,13 +56,18 @@ BASELINES = {
 # the least an exact variant must reach for a length to get a recommendation: below it the
 # baseline is undertrained, and a setting "within 1 % of exact" says nothing
 EXACT_FLOOR = {R.VAL_ACC: 0.95}
+# a trained metric with no such floor (val/bpc: no known best) counts the best exact variant as
+# trained only once its loss has levelled off: a fall of at most PLATEAU over the last quarter
+# of its steps (train/loss_fall_last_quarter). A baseline still learning makes any "within 1 %"
+# a statement about the budget, not the variant.
+PLATEAU = 0.01
 # metrics that are already an error relative to the exact output: a tolerance is the error itself
 ABSOLUTE = (R.QUALITY_REL_ERR_VS_EXACT,)
 KNOB_PREFIX = MODEL_KNOBS
 BATCH = R.col(R.BATCH_SIZE, "param")
 NONE = "none: exact attention is the cheapest here"
 NO_COST = "no kernel cell of an exact variant at this n"
-UNDERTRAINED = "none: exact attention is below its quality floor here (undertrained)"
+UNDERTRAINED = "none: exact attention is undertrained here (why: below the table)"
 
 
 def _norm(v) -> str:
@@ -118,7 +123,8 @@ def settings_table(qgroups: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     the variant is exact, its knob text and the kernel cost at the same setting and n (NaN when
     no such kernel cell ran ok)."""
     cols = ["task", "n", "scenario", "metric", "higher_is_better", "model", "label", "knob", "exact",
-            "quality", "quality_std", "seeds", "baseline_metric", "baseline"] + [c for c, _, _ in COSTS] + ["us_per_token"]
+            "quality", "quality_std", "seeds", "baseline_metric", "baseline", "loss_fall"] \
+        + [c for c, _, _ in COSTS] + ["us_per_token"]
     if qgroups.empty:
         return pd.DataFrame(columns=cols)
     costs = {(r["key"], r["n"]): r for _, r in kernel_costs(cells).iterrows()}
@@ -142,13 +148,16 @@ def settings_table(qgroups: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
             base_metric = BASELINES.get(metric)
             base = cellrows.get(R.col(base_metric)) if base_metric else None
             base = pd.to_numeric(base, errors="coerce").dropna() if base is not None else pd.Series(dtype=float)
+            fall = pd.to_numeric(cellrows.get(R.col(R.TRAIN_LOSS_FALL), pd.Series(dtype=float)),
+                                 errors="coerce").dropna()
             row = {"task": task, "n": int(n), "scenario": r["scenario"], "metric": metric,
                    "higher_is_better": QUALITY_METRICS[metric], "model": r["model"],
                    "label": label(r["model"], {a: _norm(v) for a, v in values.items()}), "knob": knob,
                    "exact": _exact_of(cellrows), "quality": float(q.mean()),
                    "quality_std": float(q.std(ddof=1)) if len(q) > 1 else np.nan, "seeds": int(len(q)),
                    "baseline_metric": base_metric if len(base) else None,
-                   "baseline": float(base.mean()) if len(base) else np.nan}
+                   "baseline": float(base.mean()) if len(base) else np.nan,
+                   "loss_fall": float(fall.mean()) if len(fall) else np.nan}
             key = (setting_key(first, knobs), int(n))
             hit = costs.get(key)
             for col in [c for c, _, _ in COSTS] + ["us_per_token"]:
@@ -179,20 +188,41 @@ def compare(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def undertrained(g: pd.DataFrame) -> str | None:
+    """Why the best exact setting of one (task, n) group is no baseline to judge against, or None
+    when it is one: below its metric's EXACT_FLOOR; or, for a trained metric without a floor,
+    a loss still falling by more than PLATEAU over its last quarter of steps (or not recorded).
+    Fidelity (an error relative to the exact output itself) trains nothing: always a baseline."""
+    metric, higher = g["metric"].iloc[0], bool(g["higher_is_better"].iloc[0])
+    ex = g[g["exact"] == True]  # noqa: E712
+    if metric in ABSOLUTE or ex.empty:
+        return None
+    best = ex.loc[ex["quality"].idxmax() if higher else ex["quality"].idxmin()]
+    floor = EXACT_FLOOR.get(metric)
+    if floor is not None:
+        return None if best["quality"] >= floor else f"{best['label']}: {metric} {fmt(best['quality'])} < {floor:g}"
+    fall = float(best["loss_fall"])
+    if not np.isfinite(fall):
+        return f"{best['label']}: no train/loss_fall_last_quarter recorded"
+    if fall > PLATEAU:
+        return f"{best['label']}'s training loss still fell {fall:.1%} over its last quarter of steps"
+    return None
+
+
 def recommend(compared: pd.DataFrame, tolerances=TOLERANCES, by=RECOMMEND_BY) -> pd.DataFrame:
     """Per (task, n), cost and tolerance: the cheapest efficient setting within the tolerance of
     the best exact quality that costs less than every exact setting, with its ratio to the
     cheapest exact one; `label` missing (NaN) when there is none, `costed` False when no exact setting
-    has that cost at n (nothing to compare with), `trained` False when the best exact quality is
-    below EXACT_FLOOR (an undertrained baseline: no recommendation)."""
+    has that cost at n (nothing to compare with), `trained` False (and `why` saying why) when
+    the best exact setting is undertrained (`undertrained`): no recommendation."""
     rows = []
     for (task, n), g in compared.groupby(["task", "n"], sort=True):
         if not g["best_exact"].notna().any():
             continue
         metric, higher = g["metric"].iloc[0], bool(g["higher_is_better"].iloc[0])
         exact = (g["exact"] == True).to_numpy()  # noqa: E712
-        floor = EXACT_FLOOR.get(metric)
-        trained = floor is None or float(g["best_exact"].iloc[0]) >= floor
+        why = undertrained(g)
+        trained = why is None
         for col, words in by:
             for tol in tolerances:
                 ok = within_tolerance(g["quality"], float(g["best_exact"].iloc[0]), tol, higher, metric in ABSOLUTE)
@@ -202,9 +232,10 @@ def recommend(compared: pd.DataFrame, tolerances=TOLERANCES, by=RECOMMEND_BY) ->
                 rows.append({"task": task, "n": int(n), "cost": col, "cost_words": words, "tol": tol,
                              "label": pick["label"] if pick is not None else None,
                              "ratio": float(pick[f"{col}_ratio"]) if pick is not None else np.nan,
-                             "costed": bool(np.any(exact & np.isfinite(cost))), "trained": trained})
+                             "costed": bool(np.any(exact & np.isfinite(cost))), "trained": trained,
+                             "why": why})
     return pd.DataFrame(rows, columns=["task", "n", "cost", "cost_words", "tol", "label", "ratio", "costed",
-                                       "trained"])
+                                       "trained", "why"])
 
 
 def tradeoff_panels(compared: pd.DataFrame, cost: str, cost_label: str) -> list[dict]:
@@ -236,6 +267,10 @@ def _quality(r: pd.Series) -> str:
     return fmt(r["quality"]) + spread
 
 
+def _fall(v: float) -> str:
+    return f"{v:.1%}" if np.isfinite(v) else MISSING
+
+
 def _signed(v: float) -> str:
     return MISSING if not np.isfinite(v) else ("0" if v == 0 else f"{v:+.3g}")
 
@@ -250,7 +285,10 @@ def section_tradeoff(doc: Doc, cells: pd.DataFrame, qgroups: pd.DataFrame, colou
           "cells of the same variant, knob values and n (medians). Per task and length: the quality "
           "(mean ± std over seeds), its difference from the best exact variant's, the baseline it must "
           "beat, and forward time, forward+backward time and forward peak memory as ratios to the "
-          "cheapest exact variant at that n (below 1×: cheaper).")
+          "cheapest exact variant at that n (below 1×: cheaper). For a trained task, how much the "
+          "training loss still fell over the last quarter of the steps (mean of the third quarter "
+          "minus the last, over the last): a setting well above 1 % was still learning when its "
+          "budget ended.")
     compared = compare(table)
     has_cost = np.isfinite(compared[[c for c, _, _ in COSTS]].astype(float)).any(axis=1)
     costed = has_cost.groupby([compared["task"], compared["n"]]).transform("any")
@@ -263,13 +301,16 @@ def section_tradeoff(doc: Doc, cells: pd.DataFrame, qgroups: pd.DataFrame, colou
         if not g["best_exact"].notna().any():
             doc.p("No exact variant measured here: no differences or ratios.")
         base = g["baseline_metric"].dropna()
+        trained = np.isfinite(g["loss_fall"].astype(float)).any()
         rows = []
         for _, r in g.sort_values(["exact", "model", "fwdbwd_ms"], ascending=[False, True, True]).iterrows():
             rows.append([r["label"], {True: "yes", False: "no"}.get(r["exact"], "unknown"),
                          _quality(r),
                          _signed(r["delta"]), fmt(r["baseline"])]
+                        + ([_fall(r["loss_fall"])] if trained else [])
                         + [_ratio(r[f"{c}_ratio"]) for c, _, _ in COSTS])
         doc.table(["setting", "exact", metric, "Δ vs best exact", base.iloc[0] if len(base) else "baseline"]
+                  + (["loss fall, last ¼ of steps"] if trained else [])
                   + [f"{h} / exact" for _, _, h in COSTS], rows)
         missing = g[~np.isfinite(g["fwdbwd_ms"].astype(float))]["label"].tolist()
         if missing:
@@ -297,9 +338,12 @@ def _recommendation(doc: Doc, rec: pd.DataFrame) -> None:
     doc.p("Per task and length, the cheapest setting whose quality is within 1 % and 5 % of the best "
           "exact variant's (relative to it; for `quality/rel_err_vs_exact`, already an error relative "
           "to the exact output, an error of at most 0.01 and 0.05) and that costs less than every exact "
-          "setting; its cost as a ratio to the cheapest exact one. Computed from the records above; a "
-          "length where the best exact variant is below its floor "
-          f"({', '.join(f'{m} ≥ {v:g}' for m, v in EXACT_FLOOR.items())}) gets none: its baseline is undertrained.")
+          "setting; its cost as a ratio to the cheapest exact one. Computed from the records above. "
+          "A length whose best exact variant is undertrained gets none, since a gap there would "
+          "measure the budget, not the variant: below its floor "
+          f"({', '.join(f'{m} ≥ {v:g}' for m, v in EXACT_FLOOR.items())}), or, for a metric with no "
+          f"floor ({R.VAL_BPC}), a training loss still falling by more than {PLATEAU:.0%} over the last "
+          "quarter of its steps.")
     headers, rows = ["task", "n"], []
     combos = list(dict.fromkeys(zip(rec["cost"], rec["cost_words"], rec["tol"])))
     headers += [f"by {words}, within {tol:.0%}" for _, words, tol in combos]
@@ -313,3 +357,6 @@ def _recommendation(doc: Doc, rec: pd.DataFrame) -> None:
                        else f"{r['label']} ({_ratio(r['ratio'])})")
         rows.append(row)
     doc.table(headers, rows)
+    whys = rec[~rec["trained"].astype(bool)].drop_duplicates(["task", "n"])
+    if len(whys):
+        doc.bullets([f"{r['task']}, n = {r['n']:,}: undertrained baseline, {r['why']}" for _, r in whys.iterrows()])

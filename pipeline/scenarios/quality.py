@@ -25,7 +25,7 @@ import time
 import torch
 
 from pipeline import record as R
-from pipeline.measure import PeakMemory, summarize
+from pipeline.measure import PeakMemory, loss_fall_last_quarter, summarize
 from pipeline.scenarios.base import CellResult, Plan, register
 from pipeline.schema import FullScenario, InferScenario, TrainScenario, Workload
 
@@ -111,6 +111,9 @@ def train_model(sc: TrainScenario | FullScenario, w: Workload, device, result: C
     })
     result.metrics.update(module.val_results)
     result.metrics.update(task.baselines(w.seq_len))
+    fall = loss_fall_last_quarter(timer.losses)
+    if fall is not None:
+        result.metrics[R.TRAIN_LOSS_FALL] = fall
     result.series[R.TRAIN_LOSS] = timer.losses
     result.tags[R.MEMORY_METHOD] = pm.method
     result.artifacts["train_step_ms.json"] = timer.step_ms

@@ -11,7 +11,7 @@ import torch
 
 from models.vanilla import VanillaAttention
 from pipeline.analytic import score_entries, score_macs
-from pipeline.measure import PeakMemory, count_flops, summarize, time_calls
+from pipeline.measure import PeakMemory, count_flops, loss_fall_last_quarter, summarize, time_calls
 from tests.support import REPO
 
 
@@ -40,6 +40,14 @@ def test_summarize():
     assert s == {"median": 3.0, "iqr": 2.0, "min": 1.0, "count": 5.0}
     with pytest.raises(ValueError):
         summarize([])
+
+
+def test_loss_fall_over_the_last_quarter():
+    # 8 steps: quarters of 2; third quarter mean 3, last 2: fell (3 - 2) / 2
+    assert loss_fall_last_quarter([5, 5, 5, 5, 3, 3, 2, 2]) == pytest.approx(0.5)
+    assert loss_fall_last_quarter([1.0] * 9) == 0.0  # flat (quarters of 9 // 4 = 2 steps, from the end)
+    assert loss_fall_last_quarter([2, 1, 3, 4, 5, 6, 7]) is None  # fewer than 8 steps
+    assert loss_fall_last_quarter([1.0] * 6 + [0.0, 0.0]) is None  # nothing to divide by
 
 
 def test_cpu_peak_memory_sees_an_allocation():

@@ -54,6 +54,8 @@ def test_train_lowers_loss_and_reports():
     assert r.tags[R.BACKEND] == "torch-matmul" and r.params["seed"] == 0
     assert r.tags[R.MEMORY_METHOD]
     assert R.INFER_LATENCY_MS not in m
+    q = loss[30:40]
+    assert m[R.TRAIN_LOSS_FALL] == pytest.approx((sum(loss[20:30]) / 10 - sum(q) / 10) / (sum(q) / 10))
 
 
 def test_code_lm_beats_unigram():

@@ -42,7 +42,7 @@ def _sweep(tmp_path, *args: str) -> dict[str, dict]:
 
 
 # names added since the fixture, each with its meaning in pipeline/record.py: new, not changed
-ADDED = {"metrics": {R.CELL_SCENARIO_S, R.CELL_OVERHEAD_S}, "tags": {R.ISOLATION},
+ADDED = {"metrics": {R.CELL_SCENARIO_S, R.CELL_OVERHEAD_S, R.TRAIN_LOSS_FALL}, "tags": {R.ISOLATION},
          "params": {R.ISOLATION, "model.norm_cap"}}
 # variants whose measurement changed since (performer's norm cap): a new config_hash, so an old
 # store never hands their earlier figures back as if measured now
