@@ -139,8 +139,12 @@ def _create_store_whole(uri: str) -> None:
         store = _get_sqlalchemy_store(f"sqlite:///{private}", None)
         type(store)._engine_map.pop(store.db_uri, None)
         store.engine.dispose()
-        with contextlib.suppress(FileExistsError):  # another client created the path meanwhile
+        try:
             os.link(private, db)
+        except FileExistsError:  # another client created the path meanwhile: it migrates it
+            pass
+        except OSError:  # a file system without hard links: the open below creates it in place
+            pass
     finally:
         private.unlink(missing_ok=True)
 

@@ -458,6 +458,16 @@ def test_a_new_store_appears_whole_and_an_existing_path_is_never_replaced(tmp_pa
     assert Tracker(f"sqlite:///{fresh}", "x").search("") == []
 
 
+def test_a_file_system_without_hard_links_gets_its_store_created_in_place(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    db = tmp_path / "nolinks.db"
+    assert Tracker(f"sqlite:///{db}", "x").search("") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nolinks.db", "nolinks.db.lock"]
+
+
 # ----------------------------------------------------------------------------- the launcher's choices
 
 
