@@ -159,7 +159,8 @@ TRAIN_TOKENS_PER_S = _metric("train/tokens_per_s", "tokens/s", "tokens per media
 TRAIN_PEAK_MEM_MB = _metric("train/peak_mem_mb", "MiB", "peak memory of the fit (max over ranks)")
 TRAIN_FINAL_LOSS = _metric("train/final_loss", "nats", "the last training step's loss")
 TRAIN_LOSS_FALL = _metric("train/loss_fall_last_quarter", "fraction",
-                          "(mean loss of the third quarter of steps - of the last) / the last's: above ~1 % the model was still learning")
+                          "(mean loss of the third quarter of steps - of the last) / the last's: above ~1 % "
+                          "a language model was still learning (near a loss of 0 it says little)")
 TRAIN_WORLD_SIZE = _metric("train/world_size", "count", "ranks of the fit")
 TRAIN_FIT_S = _metric("train/fit_s", "s", "the whole fit: steps, data, Lightning's own work")
 TRAIN_LOSS = _metric("train/loss", "nats", "training loss, one value per step (a series)")

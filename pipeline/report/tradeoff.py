@@ -285,8 +285,8 @@ def section_tradeoff(doc: Doc, cells: pd.DataFrame, qgroups: pd.DataFrame, colou
           "cells of the same variant, knob values and n (medians). Per task and length: the quality "
           "(mean ± std over seeds), its difference from the best exact variant's, the baseline it must "
           "beat, and forward time, forward+backward time and forward peak memory as ratios to the "
-          "cheapest exact variant at that n (below 1×: cheaper). For a trained task, how much the "
-          "training loss still fell over the last quarter of the steps (mean of the third quarter "
+          "cheapest exact variant at that n (below 1×: cheaper). For a trained task with no accuracy "
+          "floor (code_lm), how much the training loss still fell over the last quarter of the steps (mean of the third quarter "
           "minus the last, over the last): a setting well above 1 % was still learning when its "
           "budget ended.")
     compared = compare(table)
@@ -301,7 +301,9 @@ def section_tradeoff(doc: Doc, cells: pd.DataFrame, qgroups: pd.DataFrame, colou
         if not g["best_exact"].notna().any():
             doc.p("No exact variant measured here: no differences or ratios.")
         base = g["baseline_metric"].dropna()
-        trained = np.isfinite(g["loss_fall"].astype(float)).any()
+        # where the plateau rule judges the baseline (near a loss of 0, as on a solved MQAR, a
+        # relative fall says nothing: those metrics have a floor instead)
+        trained = metric not in EXACT_FLOOR and metric not in ABSOLUTE and np.isfinite(g["loss_fall"].astype(float)).any()
         rows = []
         for _, r in g.sort_values(["exact", "model", "fwdbwd_ms"], ascending=[False, True, True]).iterrows():
             rows.append([r["label"], {True: "yes", False: "no"}.get(r["exact"], "unknown"),

@@ -293,6 +293,7 @@ def test_the_undertrained_reason_is_printed_under_the_recommendation(frame, tmp_
     md = doc.markdown()
     assert "| loss fall, last ¼ of steps |" in md.split("### code_lm, n = 512")[1].split("###")[0]
     assert "| 3.0% |" in md
+    assert "loss fall" not in md.split("### mqar, n = 512")[1].split("###")[0]  # judged by its floor
     rec = md.split("### Recommendation")[1]
     assert next(ln for ln in rec.splitlines() if ln.startswith("| code_lm | 512")).count(UNDERTRAINED) == 4
     assert "code_lm, n = 512: undertrained baseline, vanilla's training loss still fell 3.0% over its last " \
