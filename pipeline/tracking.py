@@ -46,12 +46,15 @@ def tracking_uri(configured: str | None = None) -> str:
     return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_store_uri()
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a SQLite store's URI; None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
 def artifact_root(uri: str) -> str | None:
     """Artifacts of a SQLite store live beside the database file; a server decides its own."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        return (db.parent / "mlartifacts").resolve().as_uri()
-    return None
+    db = _sqlite_path(uri)
+    return (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
 
 
 def _retry(fn: Callable[[], T], tries: int = 8) -> T:
@@ -104,21 +107,18 @@ def _drop_interrupted_migration(uri: str) -> None:
     """A migration another client left half done keeps its `_alembic_tmp_*` copy, and every later
     open fails on it. On a store with no runs yet nothing is lost by dropping that copy: the next
     open applies the migration again."""
-    if not uri.startswith("sqlite:///"):
+    path = _sqlite_path(uri)
+    if path is None:
         return
     import sqlite3
 
-    with contextlib.closing(sqlite3.connect(uri[len("sqlite:///"):], timeout=10)) as db:
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
         names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "runs" in names and db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]:
             return
         for name in sorted(n for n in names if n.startswith("_alembic_tmp_")):
             db.execute(f'DROP TABLE "{name}"')
         db.commit()
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 def _create_store_whole(uri: str) -> None:
@@ -149,7 +149,9 @@ def _create_store_whole(uri: str) -> None:
         private.unlink(missing_ok=True)
 
 
+@lru_cache(maxsize=1)
 def _schema_head() -> str:
+    """MLflow's newest schema revision: fixed for the installed MLflow, so read once a process."""
     from mlflow.store.db.utils import _get_latest_schema_revision
 
     return _get_latest_schema_revision()
@@ -186,12 +188,13 @@ def first_open_lock(uri: str):
     processes doing that at once on a new store leave it unusable (half-applied migrations,
     `_alembic_tmp_*` tables: MLflow 3.17). An exclusive flock on a file beside the database lets
     one process at a time open it; later opens only check the schema and pass quickly."""
-    if not uri.startswith("sqlite:///"):
+    db = _sqlite_path(uri)
+    if db is None:
         yield
         return
     import fcntl
 
-    lock = Path(uri[len("sqlite:///"):] + ".lock")
+    lock = db.with_name(db.name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     with open(lock, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
