@@ -58,7 +58,7 @@ BASELINES = {
 EXACT_FLOOR = {R.VAL_ACC: 0.95}
 # a trained metric with no such floor (val/bpc: no known best) counts the best exact variant as
 # trained only once its loss has levelled off: a fall of at most PLATEAU over the last quarter
-# of its steps (train/loss_fall_last_quarter). A baseline still learning makes any "within 1 %"
+# of its steps (R.TRAIN_LOSS_FALL). A baseline still learning makes any "within 1 %"
 # a statement about the budget, not the variant.
 PLATEAU = 0.01
 # metrics that are already an error relative to the exact output: a tolerance is the error itself
@@ -188,6 +188,13 @@ def compare(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def judged_by_plateau(metric: str) -> bool:
+    """A trained metric with no EXACT_FLOOR (val/bpc): its baseline must have levelled off. Near a
+    loss of 0 (a solved MQAR) a relative fall says nothing, so a metric with a floor is judged by
+    the floor; fidelity (ABSOLUTE) trains nothing."""
+    return metric not in EXACT_FLOOR and metric not in ABSOLUTE
+
+
 def undertrained(g: pd.DataFrame) -> str | None:
     """Why the best exact setting of one (task, n) group is no baseline to judge against, or None
     when it is one: below its metric's EXACT_FLOOR; or, for a trained metric without a floor,
@@ -195,15 +202,17 @@ def undertrained(g: pd.DataFrame) -> str | None:
     Fidelity (an error relative to the exact output itself) trains nothing: always a baseline."""
     metric, higher = g["metric"].iloc[0], bool(g["higher_is_better"].iloc[0])
     ex = g[g["exact"] == True]  # noqa: E712
-    if metric in ABSOLUTE or ex.empty:
+    if ex.empty:
         return None
     best = ex.loc[ex["quality"].idxmax() if higher else ex["quality"].idxmin()]
     floor = EXACT_FLOOR.get(metric)
     if floor is not None:
         return None if best["quality"] >= floor else f"{best['label']}: {metric} {fmt(best['quality'])} < {floor:g}"
+    if not judged_by_plateau(metric):  # fidelity: nothing trained
+        return None
     fall = float(best["loss_fall"])
     if not np.isfinite(fall):
-        return f"{best['label']}: no train/loss_fall_last_quarter recorded"
+        return f"{best['label']}: no {R.TRAIN_LOSS_FALL} recorded"
     if fall > PLATEAU:
         return f"{best['label']}'s training loss still fell {fall:.1%} over its last quarter of steps"
     return None
@@ -286,9 +295,9 @@ def section_tradeoff(doc: Doc, cells: pd.DataFrame, qgroups: pd.DataFrame, colou
           "(mean ± std over seeds), its difference from the best exact variant's, the baseline it must "
           "beat, and forward time, forward+backward time and forward peak memory as ratios to the "
           "cheapest exact variant at that n (below 1×: cheaper). For a trained task with no accuracy "
-          "floor (code_lm), how much the training loss still fell over the last quarter of the steps (mean of the third quarter "
-          "minus the last, over the last): a setting well above 1 % was still learning when its "
-          "budget ended.")
+          "floor (code_lm), how much the training loss still fell over the last quarter of the steps "
+          "(mean of the third quarter minus the last, over the last): a setting well above 1 % was "
+          "still learning when its budget ended.")
     compared = compare(table)
     has_cost = np.isfinite(compared[[c for c, _, _ in COSTS]].astype(float)).any(axis=1)
     costed = has_cost.groupby([compared["task"], compared["n"]]).transform("any")
@@ -301,18 +310,16 @@ def section_tradeoff(doc: Doc, cells: pd.DataFrame, qgroups: pd.DataFrame, colou
         if not g["best_exact"].notna().any():
             doc.p("No exact variant measured here: no differences or ratios.")
         base = g["baseline_metric"].dropna()
-        # where the plateau rule judges the baseline (near a loss of 0, as on a solved MQAR, a
-        # relative fall says nothing: those metrics have a floor instead)
-        trained = metric not in EXACT_FLOOR and metric not in ABSOLUTE and np.isfinite(g["loss_fall"].astype(float)).any()
+        show_fall = judged_by_plateau(metric) and np.isfinite(g["loss_fall"].astype(float)).any()
         rows = []
         for _, r in g.sort_values(["exact", "model", "fwdbwd_ms"], ascending=[False, True, True]).iterrows():
             rows.append([r["label"], {True: "yes", False: "no"}.get(r["exact"], "unknown"),
                          _quality(r),
                          _signed(r["delta"]), fmt(r["baseline"])]
-                        + ([_fall(r["loss_fall"])] if trained else [])
+                        + ([_fall(r["loss_fall"])] if show_fall else [])
                         + [_ratio(r[f"{c}_ratio"]) for c, _, _ in COSTS])
         doc.table(["setting", "exact", metric, "Δ vs best exact", base.iloc[0] if len(base) else "baseline"]
-                  + (["loss fall, last ¼ of steps"] if trained else [])
+                  + (["loss fall, last ¼ of steps"] if show_fall else [])
                   + [f"{h} / exact" for _, _, h in COSTS], rows)
         missing = g[~np.isfinite(g["fwdbwd_ms"].astype(float))]["label"].tolist()
         if missing:

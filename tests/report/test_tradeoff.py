@@ -278,7 +278,7 @@ def test_a_baseline_still_learning_gets_no_recommendation_one_that_levelled_off_
     g["loss_fall"] = np.where(g["exact"] == True, PLATEAU + 1e-3, g["loss_fall"])  # noqa: E712
     assert "still fell 1.1%" in undertrained(g)
     g["loss_fall"] = np.nan  # a store from before the figure was recorded: not shown to be trained
-    assert undertrained(g) == "vanilla: no train/loss_fall_last_quarter recorded"
+    assert undertrained(g) == f"vanilla: no {R.TRAIN_LOSS_FALL} recorded"
     assert undertrained(compared[(compared["task"] == "fidelity") & (compared["n"] == 512)]) is None
 
 
