@@ -55,7 +55,7 @@ theory: install ## self-attention's time complexity measured: kernels over n x D
 	$(BIN)/python -m pipeline.run -m grid=theory $(ARGS)
 
 .PHONY: tradeoff
-tradeoff: install ## every efficient variant at three settings of its knob, quality and cost at n = 256 ... 8192 (24 min on 2 cores after make sweep, which it reuses 71 cells of), then its report
+tradeoff: install ## every efficient variant at three settings of its knob, quality and cost at n = 256 ... 8192 (27 min on 2 cores after make sweep, which it reuses 71 cells of), then its report
 	$(BIN)/python -m pipeline.run -m grid=tradeoff $(ARGS)
 
 repeatability: install ## the same kernel cells twice in a row: how far apart the medians land
