@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from pipeline import record as R
+from pipeline.allocator import allocator_tag
 from pipeline.devices import cuda_missing, wants_cuda
-from pipeline.isolation import allocator_tag
 from pipeline.measure import available_memory_bytes, device_name, total_memory_bytes
 from pipeline.registry import build_mixer
 from pipeline.scenarios import load_all
@@ -43,7 +43,7 @@ def execute(d: dict[str, Any]) -> CellResult:
             R.NUM_THREADS: str(torch.get_num_threads()), R.WORLD_SIZE: str(world), R.TORCH_VERSION: torch.__version__,
             R.ALLOCATOR: allocator_tag(), R.FP32_MATMUL: fp32_matmul_tag(),
         })
-        plan = preflight(d, device)
+        plan = preflight(d, device, w, sc)
         result.tags.update(plan.tags)
         result.params.update(plan.params())
         if plan.skip_reason:
@@ -84,10 +84,12 @@ def _device(d) -> torch.device:
     return torch.device("cpu")
 
 
-def preflight(d: dict[str, Any], device: torch.device) -> Plan:
+def preflight(d: dict[str, Any], device: torch.device, w=None, sc=None) -> Plan:
     """Check the variant accepts this length and predict the cell's memory from the variant's
-    analytic model, before any compute. The plan says whether to skip, and why."""
-    w, sc = workload(d), scenario_section(d)
+    analytic model, before any compute. The plan says whether to skip, and why. `w` and `sc`:
+    the cell's workload and scenario section where the caller has built them already."""
+    w = w or workload(d)
+    sc = sc or scenario_section(d)
     bb = w.backbone
     mixer = build_mixer(w.model, d_model=bb.d_model, n_heads=bb.n_heads, causal=w.causal)
     mixer.check_seq_len(w.seq_len)

@@ -25,25 +25,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline.allocator import ALLOCATOR_ENV
 from pipeline.registry import REPO_ROOT
 from pipeline.scenarios.base import CellResult
-
-# One allocator setup for every benchmark child process (CPU timings of T x T buffers depend on
-# it: fresh pages fault on every call otherwise). THP_MEM_ALLOC_ENABLE makes torch's CPU allocator
-# back large tensors with transparent huge pages; glibc then keeps freed heap memory instead of
-# unmapping it (no mmap for big blocks, no trimming), so repeats reuse already-faulted pages.
-ALLOCATOR_ENV = {
-    "THP_MEM_ALLOC_ENABLE": "1",
-    "MALLOC_MMAP_MAX_": "0",
-    "MALLOC_TRIM_THRESHOLD_": "18446744073709551615",
-}
-
-
-def allocator_tag(env: dict[str, str] | None = None) -> str:
-    env = os.environ if env is None else env
-    keys = list(ALLOCATOR_ENV)
-    set_ = [f"{k}={env[k]}" for k in keys if k in env]
-    return ",".join(set_) if set_ else "default"
 
 
 def _child_env(d: dict[str, Any]) -> dict[str, str]:

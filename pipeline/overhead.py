@@ -16,7 +16,7 @@ import statistics
 import sys
 
 from pipeline import record as R
-from pipeline.isolation import ALLOCATOR_ENV
+from pipeline.allocator import ALLOCATOR_ENV
 
 
 def bare_fwd_ms(d: dict, repeats: int = 1) -> float:
@@ -24,10 +24,11 @@ def bare_fwd_ms(d: dict, repeats: int = 1) -> float:
     cell's dtype, shape and timing knobs: what the pipeline's figure must agree with."""
     import torch
 
-    from pipeline.measure import summarize, time_calls
+    from pipeline.measure import time_calls
     from pipeline.registry import build_mixer
     from pipeline.scenarios.kernel import timing_knobs
     from pipeline.schema import scenario_section, workload
+    from pipeline.stability import assess
 
     w, sc = workload(d), scenario_section(d)
     torch.manual_seed(w.seed)
@@ -40,7 +41,8 @@ def bare_fwd_ms(d: dict, repeats: int = 1) -> float:
             return mixer(x_BTD)
 
     fwd()
-    return summarize(time_calls(fwd, torch.device("cpu"), **timing_knobs(sc)))["median"]
+    # the same estimate a cell records: the median over the calls no other process disturbed
+    return assess(time_calls(fwd, torch.device("cpu"), **timing_knobs(sc))).median
 
 
 def _reexec_with_allocator_env() -> None:

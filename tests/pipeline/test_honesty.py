@@ -12,9 +12,9 @@ import subprocess
 import sys
 
 from pipeline import record as R
+from pipeline.allocator import ALLOCATOR_ENV
 from pipeline.cell import run_cell
 from pipeline.config import to_dict
-from pipeline.isolation import ALLOCATOR_ENV
 from pipeline.registry import REPO_ROOT
 from pipeline.tracking import Tracker
 from tests.support import compose
