@@ -152,15 +152,22 @@ class LitTokenModel(pl.LightningModule):
 # ----------------------------------------------------------------------------- callbacks
 
 
+def _wait_share(w0: int | None, w1: int | None, dt_ms: float) -> float | None:
+    """Run-queue nanoseconds between two SchedWait readings over the span's wall time."""
+    return None if w0 is None or w1 is None else max(0, w1 - w0) / max(dt_ms * 1e6, 1.0)
+
+
 class StepTimer(pl.Callback):
     """Per training step: wall time (device synchronised on both sides, the first `warmup_steps`
     steps excluded from `step_ms`), tokens in the step, and the loss (every step)."""
 
     def __init__(self, device: torch.device | str, warmup_steps: int = 5):
-        from pipeline.measure import sync
+        from pipeline.measure import SchedWait, sync
 
         self._sync, self.device, self.warmup_steps = sync, torch.device(device), warmup_steps
+        self._sched = SchedWait()
         self.step_ms: list[float] = []
+        self.step_wait: list[float | None] = []  # each timed step's run-queue wait over its wall time
         self.losses: list[float] = []
         self.tokens_per_step = 0
         self._t0 = 0.0
@@ -168,6 +175,7 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._sync(self.device)
+        self._w0 = self._sched.read()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -175,6 +183,7 @@ class StepTimer(pl.Callback):
         dt_ms = (time.perf_counter() - self._t0) * 1e3
         if self._seen >= self.warmup_steps:
             self.step_ms.append(dt_ms)
+            self.step_wait.append(_wait_share(self._w0, self._sched.read(), dt_ms))
         self._seen += 1
         self.tokens_per_step = int(batch[0].numel()) * trainer.world_size
         loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs
@@ -185,16 +194,19 @@ class InferTimer(pl.Callback):
     """Per predict batch: wall time, device synchronised, the first `warmup` batches excluded."""
 
     def __init__(self, device: torch.device | str, warmup: int = 2):
-        from pipeline.measure import sync
+        from pipeline.measure import SchedWait, sync
 
         self._sync, self.device, self.warmup = sync, torch.device(device), warmup
+        self._sched = SchedWait()
         self.batch_ms: list[float] = []
+        self.batch_wait: list[float | None] = []
         self.tokens_per_batch = 0
         self._t0 = 0.0
         self._seen = 0
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self._sync(self.device)
+        self._w0 = self._sched.read()
         self._t0 = time.perf_counter()
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -202,6 +214,7 @@ class InferTimer(pl.Callback):
         dt_ms = (time.perf_counter() - self._t0) * 1e3
         if self._seen >= self.warmup:
             self.batch_ms.append(dt_ms)
+            self.batch_wait.append(_wait_share(self._w0, self._sched.read(), dt_ms))
         self._seen += 1
         self.tokens_per_batch = int(batch[0].numel()) * trainer.world_size
 

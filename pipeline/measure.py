@@ -1,7 +1,7 @@
 """How attnbench measures: wall time with warm-up and repeats, peak memory with a clean start,
 FLOPs (analytic and counted) and the machine's GEMM peak.
 
-    samples = time_calls(fn, device, warmup=2, min_repeats=5, min_time_s=1.0)
+    timing = time_calls(fn, device, warmup=2, min_repeats=5, min_time_s=1.0)   # timing.ms, timing.wait
     with PeakMemory(device) as pm:
         fn()
     pm.peak_mb, pm.method
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from pipeline.registry import cache_dir
+from pipeline.stability import Timing, median_ci, noise_reached, usable_samples
 
 # --- device helpers -----------------------------------------------------------
 
@@ -63,12 +64,19 @@ def time_calls(
     min_time_s: float = 1.0,
     max_time_s: float = 30.0,
     warmup_s: float = 0.0,
-) -> list[float]:
-    """Milliseconds of each timed call of `fn`: untimed calls until both `warmup` calls and
-    `warmup_s` seconds are reached, then timed calls until both `min_repeats` calls and
-    `min_time_s` seconds are reached (or `max_time_s` passes; at least one call is always timed).
-    The device is synchronised around every call; on CUDA the time comes from CUDA events, which
-    time the device work itself.
+    noise_target: float = 0.0,
+    noise_max_s: float = 0.0,
+) -> Timing:
+    """Every timed call of `fn` with the evidence of its disturbance (pipeline/stability.py).
+
+    Untimed calls until both `warmup` calls and `warmup_s` seconds are reached; then timed calls
+    until both `min_repeats` calls and `min_time_s` seconds are reached, and, with a
+    `noise_target`, on until the 95 % CI of the median of the undisturbed calls is within
+    ±noise_target of it, for at most `noise_max_s` more seconds; never past `max_time_s` (at
+    least one call is always timed). The device is synchronised around every call; on CUDA the
+    time comes from CUDA events, which time the device work itself. Around each call, outside
+    the timed span, the scheduler's run-queue wait of every thread of this process is read: the
+    share of the call's wall time its threads waited for a CPU.
 
     Why a warm-up by time too: on CPU the first calls of a kernel that allocates large buffers
     fault in fresh pages until the heap has grown to its working set, which takes a few calls
@@ -83,30 +91,59 @@ def time_calls(
         sync(device)
         done += 1
     use_events = device.type == "cuda"
-    samples: list[float] = []
+    sched = SchedWait()
+    timing = Timing(ms=[], wait=[], threads=torch.get_num_threads(), cpus=cpu_count())
+    machine = MachineWatch()
     start = time.perf_counter()
+    next_check = 0
     while True:
+        w0 = sched.read()
         if use_events:
             t0, t1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            c0 = time.perf_counter()
             t0.record()
             fn()
             t1.record()
             t1.synchronize()
-            samples.append(t0.elapsed_time(t1))
+            wall_ns = (time.perf_counter() - c0) * 1e9
+            timing.ms.append(t0.elapsed_time(t1))
         else:
-            t0 = time.perf_counter()
+            c0 = time.perf_counter()
             fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
+            wall_ns = (time.perf_counter() - c0) * 1e9
+            timing.ms.append(wall_ns * 1e-6)
+        w1 = sched.read()
+        timing.wait.append(None if w0 is None or w1 is None else max(0, w1 - w0) / max(wall_ns, 1.0))
         elapsed = time.perf_counter() - start
-        if len(samples) >= min_repeats and elapsed >= min_time_s:
-            break
+        if len(timing.ms) >= min_repeats and elapsed >= min_time_s:
+            if noise_target <= 0:
+                timing.stop = "minimum count and time"
+                break
+            if len(timing.ms) >= next_check:  # re-sorting every call would cost microsecond kernels
+                next_check = len(timing.ms) + max(1, len(timing.ms) // 10)
+                if noise_reached(timing, noise_target):
+                    timing.stop = f"CI within ±{noise_target:.0%} of the median"
+                    break
+                if not usable_samples(timing)[2]:
+                    # most calls disturbed: more of them under the same load would not reach the
+                    # target; the cell is measured again in a new process instead (pipeline/cell.py)
+                    timing.stop = "most calls disturbed: stopped at the minimums"
+                    break
+            if elapsed >= min_time_s + noise_max_s:
+                timing.stop = f"noise target ±{noise_target:.0%} not reached in noise_max_s={noise_max_s:g}"
+                break
         if elapsed >= max_time_s:
+            timing.stop = f"max_time_s={max_time_s:g}"
             break
-    return samples
+    machine.finish(timing)
+    if use_events:
+        timing.device_note = gpu_disturbance(device)
+    return timing
 
 
 def summarize(samples_ms: list[float]) -> dict[str, float]:
-    """Median, interquartile range, min and count of raw samples (never a single mean)."""
+    """Median, interquartile range, min and count of raw samples (never a single mean), with the
+    median's 95 % CI (order statistics; [min, max] below 6 samples)."""
     if not samples_ms:
         raise ValueError("no samples")
     s = sorted(samples_ms)
@@ -115,7 +152,122 @@ def summarize(samples_ms: list[float]) -> dict[str, float]:
         iqr = q[2] - q[0]
     else:
         iqr = 0.0
-    return {"median": statistics.median(s), "iqr": iqr, "min": s[0], "count": float(len(s))}
+    lo, hi = median_ci(s)
+    return {"median": statistics.median(s), "iqr": iqr, "min": s[0], "count": float(len(s)),
+            "ci_lo": lo, "ci_hi": hi}
+
+
+# --- disturbance evidence -----------------------------------------------------
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+class SchedWait:
+    """Nanoseconds the threads of this process have waited on a run queue, summed: field 2 of
+    /proc/self/task/<tid>/schedstat. `read()` gives None where the kernel does not expose it."""
+
+    def __init__(self) -> None:
+        self.available = Path("/proc/self/schedstat").exists()
+
+    def read(self) -> int | None:
+        if not self.available:
+            return None
+        total = 0
+        try:
+            tids = os.listdir("/proc/self/task")
+        except OSError:
+            return None
+        for tid in tids:
+            try:
+                with open(f"/proc/self/task/{tid}/schedstat", "rb") as f:
+                    total += int(f.read().split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # a thread that ended between the listing and the read
+        return total
+
+
+def _proc_stat() -> tuple[float, float] | None:
+    """(busy, steal) seconds of all CPUs since boot, from /proc/stat's first line."""
+    try:
+        with open("/proc/stat") as f:
+            parts = f.readline().split()
+        v = [int(x) for x in parts[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq) / hz, steal / hz
+
+
+def _running() -> int | None:
+    """Runnable scheduling entities now (/proc/loadavg's 4th field, before the slash)."""
+    try:
+        return int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class MachineWatch:
+    """The machine around a timed loop: other processes' CPU use (all CPUs' busy time less this
+    process's own), hypervisor steal, and the run queue before and after."""
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.stat0 = _proc_stat()
+        self.own0 = time.process_time()
+        self.run0 = _running()
+
+    def finish(self, timing: Timing) -> None:
+        wall = time.perf_counter() - self.t0
+        stat1, own = _proc_stat(), time.process_time() - self.own0
+        run1 = _running()
+        if self.stat0 and stat1 and wall > 0:
+            busy = stat1[0] - self.stat0[0]
+            # /proc/stat counts in clock ticks (10 ms): below a few ticks the figure is noise
+            timing.others_cores = max(0.0, busy - own) / wall if wall >= 0.2 else None
+            timing.steal_frac = (stat1[1] - self.stat0[1]) / (wall * cpu_count())
+        if self.run0 is not None and run1 is not None:
+            timing.runnable = (self.run0, run1)
+
+
+def loop_timing(ms: list[float], wait: list[float | None], watch: MachineWatch, world: int = 1) -> Timing:
+    """A Timing of a loop timed elsewhere (Lightning's steps), with the machine watched around
+    it. Several ranks share the cores: the other ranks are the cell's own work, not others'."""
+    threads = torch.get_num_threads()
+    t = Timing(ms=list(ms), wait=list(wait), threads=cpu_count() if world > 1 else threads, cpus=cpu_count())
+    watch.finish(t)
+    return t
+
+
+def gpu_disturbance(device: torch.device) -> str:
+    """Other processes on the GPU and clock throttling other than idle, from NVML when pynvml
+    is installed; the note says so where it is not (nothing checked is never "clean")."""
+    try:
+        import pynvml
+    except ImportError:
+        return ""
+    try:
+        pynvml.nvmlInit()
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        h = pynvml.nvmlDeviceGetHandleByIndex(idx)
+        others = [p for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h) if p.pid != os.getpid()]
+        reasons = pynvml.nvmlDeviceGetCurrentClocksThrottleReasons(h)
+        idle = getattr(pynvml, "nvmlClocksThrottleReasonGpuIdle", 1)
+        app = getattr(pynvml, "nvmlClocksThrottleReasonApplicationsClocksSetting", 2)
+        notes = []
+        if others:
+            notes.append(f"{len(others)} other process(es) on the GPU")
+        if reasons & ~(idle | app):
+            notes.append(f"clocks throttled (NVML reasons 0x{reasons:x})")
+        return "; ".join(notes)
+    except Exception:  # noqa: BLE001 - NVML is evidence, never a reason to fail a cell
+        return ""
 
 
 def loss_fall_last_quarter(losses: list[float]) -> float | None:
@@ -265,8 +417,8 @@ def gemm_peak_tflops(device: torch.device | str, dtype: torch.dtype, size: int =
         return float(cache[key])
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    samples = time_calls(lambda: torch.mm(a, b), device, warmup=3, min_repeats=10, min_time_s=0.5)
-    peak = 2 * size**3 / (summarize(samples)["median"] * 1e-3) / 1e12
+    timing = time_calls(lambda: torch.mm(a, b), device, warmup=3, min_repeats=10, min_time_s=0.5)
+    peak = 2 * size**3 / (summarize(timing.ms)["median"] * 1e-3) / 1e12
     cache[key] = peak
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)

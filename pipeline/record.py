@@ -202,6 +202,36 @@ CELL_SCENARIO_S = _metric("cell/scenario_s", "s", "time inside the scenario func
 CELL_OVERHEAD_S = _metric("cell/overhead_s", "s", "the cell's wall time, validation to record, minus cell/scenario_s")
 ISOLATION = _tag("isolation", "how the cell's process was started: fork (warm server), spawn, or inline")
 
+# ---------------------------------------------------------------- trust: uncertainty and stability
+# (pipeline/stability.py owns the rules; docs/measurement.md explains them)
+STABILITY = _tag("stability", "stable, unstable or contaminated: whether the cell's timings can be trusted")
+STABILITY_REASON = _tag("stability_reason", "the evidence behind a stability other than stable, per timed figure")
+STABILITIES = ("stable", "unstable", "contaminated")
+CELL_ATTEMPTS = _metric("cell/attempts", "count", "times the cell was measured (again, in a new process, while not stable)")
+CELL_ATTEMPT = _metric("cell/attempt", "index", "which attempt the recorded figures come from (1 = the first)")
+CELL_OTHERS_CORES = _metric("cell/others_cores", "cores", "the most CPU other processes used over one of the cell's timed loops")
+CELL_STEAL_FRAC = _metric("cell/steal_frac", "fraction", "the most hypervisor steal over one of the cell's timed loops")
+
+# every timed figure: the median above, and beside it the 95 % CI of that median and the calls
+# left out as disturbed (`<metric>_ci_lo`, `<metric>_ci_hi`, `<metric>_left_out`)
+TIMED = (KERNEL_FWD_MS, KERNEL_FWDBWD_MS, KERNEL_PROJ_MS, TRAIN_STEP_MS, INFER_LATENCY_MS,
+         DECODE_PREFILL_MS, DECODE_MS_PER_TOKEN)
+_CI: dict[str, tuple[str, str, str]] = {}
+for _m in TIMED:
+    _CI[_m] = (_metric(f"{_m}_ci_lo", "ms", f"lower end of the 95 % CI of the median of {_m}"),
+               _metric(f"{_m}_ci_hi", "ms", f"upper end of the 95 % CI of the median of {_m}"),
+               _metric(f"{_m}_left_out", "count", f"calls of {_m} left out of the median as disturbed by another process"))
+
+
+def ci_names(metric: str) -> tuple[str, str]:
+    """(`<metric>_ci_lo`, `<metric>_ci_hi`) of a timed metric."""
+    return _CI[metric][0], _CI[metric][1]
+
+
+def left_out_name(metric: str) -> str:
+    return _CI[metric][2]
+
+
 # ---------------------------------------------------------------- params written by the cell
 BUDGET_MEM_MB = _param("budget_mem_mb", "MiB", "the memory budget pre-flight judged against (logged, so a report on another host uses it)")
 DEVICE_MEMORY_GB = _param("device_memory_gb", "GiB", "total memory of the cell's device")
@@ -216,6 +246,7 @@ ARGUMENTS = _param("arguments", "", "the sweep's command-line overrides")
 # (written by flattening the config; the schema in pipeline/schema.py owns them)
 SEQ_LEN = "seq_len"
 SEED = "seed"
+ROUND = "round"  # which round of a sweep with rounds > 1 a cell is (a replicate, like the seed)
 BATCH_SIZE = "batch_size"
 D_MODEL = "backbone.d_model"
 N_HEADS = "backbone.n_heads"
@@ -230,6 +261,7 @@ MODEL_PARAM_PREFIX = "model."
 MODEL_IDENTITY_PARAMS = ("model.name", "model._target_")
 
 
-def run_name(model: str, seq_len: int, scenario: str, checkpointing: bool) -> str:
-    """`{model}-n{seq_len}-{scenario}`, plus `-ckpt` with gradient checkpointing."""
-    return f"{model}-n{seq_len}-{scenario}" + ("-ckpt" if checkpointing else "")
+def run_name(model: str, seq_len: int, scenario: str, checkpointing: bool, round_: int | None = None) -> str:
+    """`{model}-n{seq_len}-{scenario}`, plus `-ckpt` with gradient checkpointing, plus `-r{k}`
+    for round k of a sweep with `rounds` > 1."""
+    return f"{model}-n{seq_len}-{scenario}" + ("-ckpt" if checkpointing else "") + (f"-r{round_}" if round_ else "")

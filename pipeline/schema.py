@@ -78,6 +78,9 @@ class _Timed:
     min_repeats: int = _f(5, TIMING, "at least this many timed calls", "positive")
     min_time_s: float = _f(1.0, TIMING, "and at least this much timed wall time", "non_negative")
     max_time_s: float = _f(30.0, TIMING, "stop repeating after this long", "non_negative")
+    noise_target: float = _f(0.03, TIMING, "then repeat until the median's 95 % CI is within ± this share of it ...",
+                             "non_negative")
+    noise_max_s: float = _f(2.0, TIMING, "... for at most this much longer (never past max_time_s)", "non_negative")
 
 
 @dataclass
@@ -154,6 +157,14 @@ class Root:
     isolate: bool = _f(True, SWITCH, "run the cell in a child process of its own")
     isolation: str = _f("fork", SWITCH, "fork: from a warm pre-imported server; spawn: a fresh interpreter", "isolation")
     timeout_s: float = _f(900, SWITCH, "kill the cell's process after this long", "positive_number")
+    rounds: int = _f(1, SWITCH, "measure every kernel cell in this many rounds, each in its own process, the rounds "
+                     "interleaved across the sweep in shuffled order", "positive")
+    round: Any = _f(None, REPLICATE, "which round a cell is (set by the sweeper when rounds > 1; absent otherwise)",
+                    "positive_or_null")
+    remeasure: int = _f(2, SWITCH, "measure a cell that is not stable again, in a new process, up to this many times",
+                        "non_negative_int")
+    remeasure_pause_s: float = _f(3.0, SWITCH, "wait this long before measuring again (a burst of load may pass)",
+                                  "non_negative")
     grid: Any = _f(None, SWITCH, "the grid config a sweep composed (hydra.sweeper.grids)")
     experiment: Any = _f(None, SWITCH, "the experiment preset composed")
 
@@ -221,6 +232,7 @@ _CHECKS = {
     "non_negative": (lambda v: _is_num(v) and v >= 0, "must be >= 0"),
     "positive_number": (lambda v: _is_num(v) and v > 0, "must be a positive number of seconds"),
     "integer": (lambda v: _is_int(v), "must be an integer"),
+    "non_negative_int": (lambda v: _is_int(v) and v >= 0, "must be an integer >= 0"),
     "dtype": (lambda v: v in DTYPES, f"must be one of {DTYPES}"),
     "isolation": (lambda v: v in ("fork", "spawn"), "must be fork or spawn"),
 }

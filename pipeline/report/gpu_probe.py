@@ -109,9 +109,9 @@ def probe(site: Path | None) -> int:
     from pipeline.measure import summarize as summarize_samples
     from pipeline.measure import time_calls
 
-    samples = time_calls(lambda: xops.memory_efficient_attention(q, k, v, attn_bias=bias), dev,
-                         warmup=0, min_repeats=10, min_time_s=0.0)
-    ms = summarize_samples(samples)["median"]
+    timing = time_calls(lambda: xops.memory_efficient_attention(q, k, v, attn_bias=bias), dev,
+                        warmup=0, min_repeats=10, min_time_s=0.0)
+    ms = summarize_samples(timing.ms)["median"]
     tflops = 4 * B * H * T * T * K / 2 / (ms * 1e-3) / 1e12  # QK^T and PV, half of the square (causal)
     ok = err < 2e-2
     print(f"{'PASS' if ok else 'FAIL'} xformers memory_efficient_attention bf16 causal (B={B}, T={T}, H={H}, K={K}) "

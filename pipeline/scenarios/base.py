@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline import record as R
+from pipeline.stability import Assessment, Timing, assess, combine
 
 SCENARIOS: dict[str, Callable] = {}
 
@@ -85,6 +86,7 @@ class CellResult:
     tags: dict[str, str] = field(default_factory=dict)  # e.g. backend, memory_method
     params: dict[str, Any] = field(default_factory=dict)  # extra params, e.g. gemm peak
     artifacts: dict[str, Any] = field(default_factory=dict)  # name.json -> JSON-able payload
+    figures: list[dict[str, Any]] = field(default_factory=list)  # each timed figure's stability (add_timing)
 
     def to_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -92,6 +94,29 @@ class CellResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CellResult:
         return cls(**d)
+
+    def add_timing(self, metric: str, timing: Timing, iqr: str | None = None, minimum: str | None = None,
+                   count: str | None = None) -> Assessment:
+        """Record a timed figure: its median over the undisturbed calls, the median's 95 % CI,
+        the calls left out, and optionally its IQR, min and count under the given names; the
+        cell's `stability` tags become the worst of its figures (pipeline/stability.py)."""
+        a = assess(timing)
+        lo, hi = R.ci_names(metric)
+        m = self.metrics
+        m.update({metric: a.median, lo: a.ci_lo, hi: a.ci_hi, R.left_out_name(metric): float(a.excluded)})
+        for name, value in ((iqr, a.iqr), (minimum, a.minimum), (count, float(a.used))):
+            if name:
+                m[name] = value
+        if timing.others_cores is not None:
+            m[R.CELL_OTHERS_CORES] = max(m.get(R.CELL_OTHERS_CORES, 0.0), timing.others_cores)
+        if timing.steal_frac is not None:
+            m[R.CELL_STEAL_FRAC] = max(m.get(R.CELL_STEAL_FRAC, 0.0), timing.steal_frac)
+        self.figures.append({"metric": metric, "label": a.label, "reason": a.reason, "median": a.median,
+                             "ci": [a.ci_lo, a.ci_hi], "left_out": a.excluded, "calls": len(timing.ms), "stop": timing.stop,
+                             "others_cores": timing.others_cores})
+        label, reason = combine((f["metric"], f) for f in self.figures)
+        self.tags[R.STABILITY], self.tags[R.STABILITY_REASON] = label, reason
+        return a
 
     def note_backend(self, backend: str, mixers) -> None:
         """Tags `backend` (the kernel that ran), `backend_note` (why a preferred kernel did

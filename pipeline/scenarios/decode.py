@@ -108,8 +108,9 @@ def decode(sc, model_cfg: Mapping[str, Any], bb, batch: int, seq_len: int, seed:
     n_heads, n_layers, mlp_ratio, dtype) and the workload; fills `result`."""
     import torch
 
-    from pipeline.measure import PeakMemory, summarize, time_calls
+    from pipeline.measure import PeakMemory, time_calls
     from pipeline.registry import build_mixer, mixer_factory
+    from pipeline.stability import Timing
 
     dtype = getattr(torch, bb.dtype)
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
@@ -136,8 +137,9 @@ def decode(sc, model_cfg: Mapping[str, Any], bb, batch: int, seq_len: int, seed:
         def step(out, state, t):
             return model.step(new_x[:, t:t + 1], state)[0]
     model.to(device=device, dtype=dtype).eval()
-    timing = dict(warmup=int(sc.warmup), warmup_s=float(sc.warmup_s), min_repeats=int(sc.min_repeats),
-                  min_time_s=float(sc.min_time_s), max_time_s=float(sc.max_time_s))
+    from pipeline.scenarios.kernel import timing_knobs
+
+    timing = timing_knobs(sc)
 
     def prefill():
         return model.prefill(prompt, model.init_state(B, n + k, device, dtype))
@@ -153,23 +155,26 @@ def decode(sc, model_cfg: Mapping[str, Any], bb, batch: int, seq_len: int, seed:
             out = step(out, state, t)
         finite(out, "step")
         del out, state
-        prefill_ms = time_calls(prefill, device, **timing)
-        token_ms: list[float] = []
+        prefill_t = time_calls(prefill, device, **timing)
+        token_t: Timing | None = None  # each step timed alone: one Timing of k single calls
         with PeakMemory(device) as pm:
             out, state = prefill()
             prefill_backend = model.backend
             for t in range(k):
-                ms, out = _time_one(lambda: step(out, state, t), device, time_calls)  # noqa: B023 - called at once
-                token_ms.append(ms)
+                one, out = _time_one(lambda: step(out, state, t), device, time_calls)  # noqa: B023 - called at once
+                if token_t is None:
+                    token_t = one
+                else:
+                    token_t.ms += one.ms
+                    token_t.wait += one.wait
         finite(out, "step")
 
-    s_pre, s_tok = summarize(prefill_ms), summarize(token_ms)
+    result.add_timing(R.DECODE_PREFILL_MS, prefill_t, iqr=R.DECODE_PREFILL_MS_IQR)
+    per_token = result.add_timing(R.DECODE_MS_PER_TOKEN, token_t, iqr=R.DECODE_MS_PER_TOKEN_IQR).median
     analytic = model.state_bytes(B, n + k, dtype_bytes)
     m = result.metrics
     m.update({
-        R.DECODE_PREFILL_MS: s_pre["median"], R.DECODE_PREFILL_MS_IQR: s_pre["iqr"],
-        R.DECODE_MS_PER_TOKEN: s_tok["median"], R.DECODE_MS_PER_TOKEN_IQR: s_tok["iqr"],
-        R.DECODE_TOKENS_PER_S: B / (s_tok["median"] * 1e-3),
+        R.DECODE_TOKENS_PER_S: B / (per_token * 1e-3),
         R.DECODE_STATE_MB: state.nbytes() / 2**20, R.DECODE_STATE_MB_ANALYTIC: analytic / 2**20,
         R.DECODE_PEAK_MEM_MB: pm.peak_mb,
     })
@@ -181,12 +186,13 @@ def decode(sc, model_cfg: Mapping[str, Any], bb, batch: int, seq_len: int, seed:
     result.tags[R.MEMORY_METHOD] = pm.method
     result.tags[R.PREFILL_BACKEND] = str(prefill_backend)
     result.note_backend(model.backend, mixers)
-    result.artifacts["timings.json"] = {"prefill_ms": prefill_ms, "token_ms": token_ms}
+    result.artifacts["timings.json"] = {"prefill_ms": prefill_t.to_dict(), "token_ms": token_t.to_dict()}
 
 
-def _time_one(fn, device, time_calls) -> tuple[float, Any]:
-    """One timed call of fn through time_calls (synchronised, CUDA events on a GPU): (ms, value)."""
+def _time_one(fn, device, time_calls) -> tuple[Any, Any]:
+    """One timed call of fn through time_calls (synchronised, CUDA events on a GPU): (its
+    Timing, the value fn returned)."""
     box: list[Any] = []
-    ms = time_calls(lambda: box.append(fn()), device, warmup=0, warmup_s=0.0, min_repeats=1,
-                    min_time_s=0.0, max_time_s=0.0)
-    return ms[0], box[0]
+    timing = time_calls(lambda: box.append(fn()), device, warmup=0, warmup_s=0.0, min_repeats=1,
+                        min_time_s=0.0, max_time_s=0.0)
+    return timing, box[0]

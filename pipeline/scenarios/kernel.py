@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import record as R
-from pipeline.measure import PeakMemory, count_flops, gemm_peak_tflops, summarize, time_calls
+from pipeline.measure import PeakMemory, count_flops, gemm_peak_tflops, time_calls
 from pipeline.registry import build_mixer
 from pipeline.scenarios.base import CellResult, Diverged, Plan, failure_text, is_oom, register
 from pipeline.schema import KernelScenario, Workload
@@ -18,7 +18,8 @@ from pipeline.schema import KernelScenario, Workload
 def timing_knobs(sc) -> dict:
     """time_calls' keyword arguments from a scenario section with the timing fields."""
     return dict(warmup=int(sc.warmup), warmup_s=float(sc.warmup_s), min_repeats=int(sc.min_repeats),
-                min_time_s=float(sc.min_time_s), max_time_s=float(sc.max_time_s))
+                min_time_s=float(sc.min_time_s), max_time_s=float(sc.max_time_s),
+                noise_target=float(sc.noise_target), noise_max_s=float(sc.noise_max_s))
 
 
 @register("kernel")
@@ -40,12 +41,12 @@ def run_kernel(sc: KernelScenario, w: Workload, plan: Plan, device: torch.device
     del y_BTD
     with PeakMemory(device) as pm:
         fwd()
-    fwd_ms = time_calls(fwd, device, **timing)
+    fwd_t = time_calls(fwd, device, **timing)
     backend = mixer.backend
-    s = summarize(fwd_ms)
+    fwd_median = result.add_timing(R.KERNEL_FWD_MS, fwd_t, iqr=R.KERNEL_FWD_MS_IQR, minimum=R.KERNEL_FWD_MS_MIN,
+                                   count=R.KERNEL_FWD_REPEATS).median
     m = result.metrics
-    m.update({R.KERNEL_FWD_MS: s["median"], R.KERNEL_FWD_MS_IQR: s["iqr"], R.KERNEL_FWD_MS_MIN: s["min"],
-              R.KERNEL_FWD_REPEATS: s["count"], R.KERNEL_PEAK_MEM_MB: pm.peak_mb})
+    m[R.KERNEL_PEAK_MEM_MB] = pm.peak_mb
     result.tags[R.MEMORY_METHOD] = pm.method
     result.note_backend(backend, [mixer])
 
@@ -61,19 +62,20 @@ def run_kernel(sc: KernelScenario, w: Workload, plan: Plan, device: torch.device
 
     peak = gemm_peak_tflops(device, dtype)
     result.params[R.GEMM_PEAK_TFLOPS] = round(peak, 4)
-    achieved = flops["total"] / (s["median"] * 1e-3) / 1e12
+    achieved = flops["total"] / (fwd_median * 1e-3) / 1e12
     m.update({R.KERNEL_TFLOPS: achieved, R.KERNEL_PEAK_FRACTION: achieved / peak})
-    samples = {"fwd_ms": fwd_ms}
+    samples = {"fwd_ms": fwd_t.to_dict()}
 
     # the mixing core alone: the mixer's projections (its nn.Linear layers, on inputs of this
     # shape) are timed by themselves, and the core's time is the forward's median minus theirs;
     # mixing FLOPs over that time is the rate of the attention (or band, or scan) proper
     proj = _projections(mixer, B, T, device, dtype)
     if proj is not None:
-        samples["proj_ms"] = time_calls(proj, device, **timing)
-        m[R.KERNEL_PROJ_MS] = summarize(samples["proj_ms"])["median"]
-        mix_ms = s["median"] - m[R.KERNEL_PROJ_MS]
-        if mix_ms > 0.05 * s["median"]:  # below that the difference is noise, not a time
+        proj_t = time_calls(proj, device, **timing)
+        samples["proj_ms"] = proj_t.to_dict()
+        result.add_timing(R.KERNEL_PROJ_MS, proj_t)
+        mix_ms = fwd_median - m[R.KERNEL_PROJ_MS]
+        if mix_ms > 0.05 * fwd_median:  # below that the difference is noise, not a time
             mix_rate = flops["mixing"] / (mix_ms * 1e-3) / 1e12
             m.update({R.KERNEL_MIX_MS: mix_ms, R.KERNEL_MIXING_TFLOPS: mix_rate,
                       R.KERNEL_MIXING_PEAK_FRACTION: mix_rate / peak})
@@ -93,7 +95,7 @@ def run_kernel(sc: KernelScenario, w: Workload, plan: Plan, device: torch.device
             fwdbwd()
             with PeakMemory(device) as pm2:
                 fwdbwd()
-            fb_ms = time_calls(fwdbwd, device, **timing)
+            fb_t = time_calls(fwdbwd, device, **timing)
         except Exception as e:
             # the backward holds more than the forward (vanilla: the probabilities, their gradient
             # and the scores' at once): running out there leaves the forward's figures standing
@@ -101,10 +103,9 @@ def run_kernel(sc: KernelScenario, w: Workload, plan: Plan, device: torch.device
                 raise
             result.tags[R.FWDBWD_SKIPPED] = f"out of memory in forward+backward: {failure_text(e)}"
         else:
-            s2 = summarize(fb_ms)
-            m.update({R.KERNEL_FWDBWD_MS: s2["median"], R.KERNEL_FWDBWD_MS_IQR: s2["iqr"],
-                      R.KERNEL_FWDBWD_MS_MIN: s2["min"], R.KERNEL_PEAK_MEM_FWDBWD_MB: pm2.peak_mb})
-            samples["fwdbwd_ms"] = fb_ms
+            result.add_timing(R.KERNEL_FWDBWD_MS, fb_t, iqr=R.KERNEL_FWDBWD_MS_IQR, minimum=R.KERNEL_FWDBWD_MS_MIN)
+            m[R.KERNEL_PEAK_MEM_FWDBWD_MB] = pm2.peak_mb
+            samples["fwdbwd_ms"] = fb_t.to_dict()
     result.artifacts["timings.json"] = samples
 
 

@@ -25,7 +25,7 @@ import time
 import torch
 
 from pipeline import record as R
-from pipeline.measure import PeakMemory, loss_fall_last_quarter, summarize
+from pipeline.measure import MachineWatch, PeakMemory, loop_timing, loss_fall_last_quarter
 from pipeline.scenarios.base import CellResult, Plan, register
 from pipeline.schema import FullScenario, InferScenario, TrainScenario, Workload
 
@@ -90,19 +90,20 @@ def train_model(sc: TrainScenario | FullScenario, w: Workload, device, result: C
     train_dl = task.train_loader(w.seq_len, int(tr["batch_size"]), w.seed)
     with expected_warnings_silenced():
         t0 = time.perf_counter()
+        watch = MachineWatch()
         with PeakMemory(device) as pm:
             trainer.fit(module, train_dataloaders=train_dl)
+        steps = loop_timing(timer.step_ms, timer.step_wait, watch, world=trainer.world_size)
         fit_s = time.perf_counter() - t0
         val_dl = task.val_loader(w.seq_len, w.seed)
         t0 = time.perf_counter()
         trainer.validate(module, dataloaders=val_dl, verbose=False)
         val_s = time.perf_counter() - t0
 
-    s = summarize(timer.step_ms)
+    step_ms = result.add_timing(R.TRAIN_STEP_MS, steps, iqr=R.TRAIN_STEP_MS_IQR, minimum=R.TRAIN_STEP_MS_MIN).median
     result.metrics.update({
-        R.TRAIN_STEP_MS: s["median"], R.TRAIN_STEP_MS_IQR: s["iqr"], R.TRAIN_STEP_MS_MIN: s["min"],
         R.TRAIN_STEPS: float(len(timer.losses)),
-        R.TRAIN_TOKENS_PER_S: timer.tokens_per_step / (s["median"] * 1e-3),
+        R.TRAIN_TOKENS_PER_S: timer.tokens_per_step / (step_ms * 1e-3),
         R.TRAIN_PEAK_MEM_MB: _max_over_ranks(pm.peak_mb, trainer.strategy.root_device),
         R.TRAIN_FINAL_LOSS: timer.losses[-1],
         R.TRAIN_WORLD_SIZE: float(trainer.world_size),
@@ -116,7 +117,7 @@ def train_model(sc: TrainScenario | FullScenario, w: Workload, device, result: C
         result.metrics[R.TRAIN_LOSS_FALL] = fall
     result.series[R.TRAIN_LOSS] = timer.losses
     result.tags[R.MEMORY_METHOD] = pm.method
-    result.artifacts["train_step_ms.json"] = timer.step_ms
+    result.artifacts["train_step_ms.json"] = steps.to_dict()
     result.note_backend(model.backend, model.mixers)
     return module
 
@@ -141,16 +142,18 @@ def infer_model(sc: InferScenario | FullScenario, w: Workload, device, result: C
     timer = InferTimer(device, warmup=int(sc.warmup))
     trainer = build_trainer(vars(w.trainer), callbacks=[timer])
     dl = task.predict_loader(w.seq_len, w.batch_size, int(sc.warmup) + int(sc.batches), w.seed)
+    watch = MachineWatch()
     with expected_warnings_silenced(), PeakMemory(device) as pm:
         trainer.predict(module, dataloaders=dl, return_predictions=False)
-    s = summarize(timer.batch_ms)
+    batches = loop_timing(timer.batch_ms, timer.batch_wait, watch, world=trainer.world_size)
+    latency = result.add_timing(R.INFER_LATENCY_MS, batches, iqr=R.INFER_LATENCY_MS_IQR,
+                                minimum=R.INFER_LATENCY_MS_MIN).median
     result.metrics.update({
-        R.INFER_LATENCY_MS: s["median"], R.INFER_LATENCY_MS_IQR: s["iqr"], R.INFER_LATENCY_MS_MIN: s["min"],
-        R.INFER_TOKENS_PER_S: timer.tokens_per_batch / (s["median"] * 1e-3),
+        R.INFER_TOKENS_PER_S: timer.tokens_per_batch / (latency * 1e-3),
         R.INFER_PEAK_MEM_MB: _max_over_ranks(pm.peak_mb, trainer.strategy.root_device),
     })
     result.tags[R.INFER_MEMORY_METHOD] = pm.method
-    result.artifacts["infer_latency_ms.json"] = timer.batch_ms
+    result.artifacts["infer_latency_ms.json"] = batches.to_dict()
     result.note_backend(module.model.backend, module.model.mixers)
 
 

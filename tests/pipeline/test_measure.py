@@ -17,7 +17,7 @@ from tests.support import REPO
 
 def test_time_calls_meets_count_and_duration():
     calls = []
-    samples = time_calls(lambda: (calls.append(1), time.sleep(0.01)), "cpu", warmup=2, min_repeats=3, min_time_s=0.15)
+    samples = time_calls(lambda: (calls.append(1), time.sleep(0.01)), "cpu", warmup=2, min_repeats=3, min_time_s=0.15).ms
     assert len(calls) == len(samples) + 2
     assert len(samples) >= 3 and sum(samples) >= 150 * 0.9
     assert all(s >= 9 for s in samples)
@@ -26,18 +26,19 @@ def test_time_calls_meets_count_and_duration():
 def test_time_calls_warms_up_by_count_and_by_time():
     calls = []
     samples = time_calls(lambda: (calls.append(1), time.sleep(0.01)), "cpu", warmup=1, warmup_s=0.1,
-                         min_repeats=2, min_time_s=0)
+                         min_repeats=2, min_time_s=0).ms
     assert len(samples) == 2 and len(calls) - 2 >= 8  # ~0.1 s of 10 ms calls, untimed
 
 
 def test_time_calls_stops_at_max_time_with_one_sample():
-    samples = time_calls(lambda: time.sleep(0.05), "cpu", warmup=0, min_repeats=1000, min_time_s=0, max_time_s=0.01)
+    samples = time_calls(lambda: time.sleep(0.05), "cpu", warmup=0, min_repeats=1000, min_time_s=0, max_time_s=0.01).ms
     assert len(samples) == 1
 
 
 def test_summarize():
     s = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
-    assert s == {"median": 3.0, "iqr": 2.0, "min": 1.0, "count": 5.0}
+    # 5 samples: too few for a 95 % CI of the median, so [min, max] (which covers 94 %)
+    assert s == {"median": 3.0, "iqr": 2.0, "min": 1.0, "count": 5.0, "ci_lo": 1.0, "ci_hi": 5.0}
     with pytest.raises(ValueError):
         summarize([])
 

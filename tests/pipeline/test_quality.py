@@ -46,7 +46,7 @@ def test_train_lowers_loss_and_reports():
     assert sum(loss[-5:]) / 5 < loss[0] - 0.5
     m = r.metrics
     assert m[R.TRAIN_STEPS] == 40
-    assert len(r.artifacts["train_step_ms.json"]) == 40 - 2  # warm-up steps left out
+    assert len(r.artifacts["train_step_ms.json"]["ms"]) == 40 - 2  # warm-up steps left out
     assert m[R.TRAIN_STEP_MS] > 0 and m[R.TRAIN_STEP_MS_IQR] >= 0
     assert m[R.TRAIN_TOKENS_PER_S] == pytest.approx(16 * 32 / (m[R.TRAIN_STEP_MS] * 1e-3))
     assert 0.0 <= m[R.VAL_ACC] <= 1.0 and math.isfinite(m[R.VAL_LOSS])
@@ -104,7 +104,7 @@ def test_infer_times_batches():
     cfg = cell("scenario=infer", *SMALL_MQAR, "batch_size=3", "scenario.warmup=1", "scenario.batches=4")
     r = run(quality.run_infer, cfg)
     m = r.metrics
-    assert len(r.artifacts["infer_latency_ms.json"]) == 4
+    assert len(r.artifacts["infer_latency_ms.json"]["ms"]) == 4
     assert m[R.INFER_LATENCY_MS] > 0 and m[R.INFER_PEAK_MEM_MB] == m[R.INFER_PEAK_MEM_MB]  # not NaN
     assert m[R.INFER_TOKENS_PER_S] == pytest.approx(3 * 32 / (m[R.INFER_LATENCY_MS] * 1e-3))
     assert R.TRAIN_STEP_MS not in m and r.tags[R.BACKEND] == "torch-matmul"
