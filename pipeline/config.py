@@ -4,12 +4,14 @@ on, its flattened params and its `config_hash`; `validate` checks it against the
 
     validate(cfg)                 # raises ConfigError("seq_len must be ... got 0")
     config_hash(cfg), flatten(cfg)
+    cell = Cell.of(cfg)           # all of it at once: cell.config, .hash, .family, .name, .params
 """
 from __future__ import annotations
 
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -17,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.registry import CONF_DIR
 from pipeline.schema import ConfigError, check, in_hash
 
-__all__ = ["ConfigError", "config_hash", "family_hash", "flatten", "to_dict", "validate"]
+__all__ = ["Cell", "ConfigError", "config_hash", "family_hash", "flatten", "to_dict", "validate"]
 
 
 def compose(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
@@ -64,16 +66,41 @@ def _measurement_part(d: Mapping[str, Any], drop: tuple[str, ...] = ()) -> dict[
     return {k: v for k, v in d.items() if in_hash(k) and k not in drop}
 
 
+def _digest(part: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def config_hash(cfg: DictConfig | Mapping) -> str:
     """Identity of a cell: sha256 over the measurement-relevant resolved config."""
-    blob = json.dumps(_measurement_part(to_dict(cfg)), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _digest(_measurement_part(to_dict(cfg)))
 
 
 def family_hash(cfg: DictConfig | Mapping) -> str:
     """Identity of a cell's line in a sweep: the same cell at every seq_len (for OOM skipping)."""
-    blob = json.dumps(_measurement_part(to_dict(cfg), ("seq_len",)), sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return _digest(_measurement_part(to_dict(cfg), ("seq_len",)))
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One grid point as the parent side uses it, made once (`Cell.of`) and passed down: the
+    validated, resolved config, its identities, its run name and its flattened params."""
+
+    config: dict[str, Any]
+    hash: str
+    family: str
+    name: str
+    params: dict[str, Any]
+
+    @classmethod
+    def of(cls, cfg: DictConfig | Mapping) -> Cell:
+        """Resolve and check the config (ConfigError naming the first bad field), then derive the rest."""
+        from pipeline.record import run_name
+
+        d = to_dict(cfg)
+        check(d)
+        name = run_name(d["model"]["name"], d["seq_len"], d["scenario"]["name"],
+                        bool((d.get("trainer") or {}).get("grad_checkpointing")), d.get("round"))
+        return cls(d, _digest(_measurement_part(d)), _digest(_measurement_part(d, ("seq_len",))), name, flatten(d))
 
 
 def group_options(group: str) -> list[str]:

@@ -51,7 +51,12 @@ def headline(scenario: str, metrics: dict[str, float]) -> str:
                              (R.QUALITY_REL_ERR_VS_EXACT, "err", ""), (R.INFER_LATENCY_MS, "latency", "ms")):
         if key in metrics and metrics[key] is not None and math.isfinite(metrics[key]):
             v = metrics[key]
-            return f"{label} {v:.3g}{' ' + unit if unit else ''}"
+            text = f"{label} {v:.3g}{' ' + unit if unit else ''}"
+            if key in R.TIMED and v > 0:  # the median's 95 % CI, as ± its larger side
+                lo, hi = (metrics.get(n) for n in R.ci_names(key))
+                if lo is not None and hi is not None:
+                    text += f" ±{max(v - lo, hi - v) / v:.0%}"
+            return text
     return ""
 
 
@@ -104,7 +109,7 @@ class Progress:
         return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
     def finished(self, index: int, name: str, status: str, wall_s: float, metrics: dict[str, float],
-                 reused: bool = False, reason: str = "") -> str:
+                 reused: bool = False, reason: str = "", stability: str = "") -> str:
         """Record one finished cell; return (and write to progress.log) its line."""
         cell = self.plan[index] if 0 <= index < len(self.plan) else {"scenario": "?", "units": 1.0}
         row = {"index": index, "name": name, "status": status, "wall_s": wall_s, "reused": reused, **cell}
@@ -122,6 +127,9 @@ class Progress:
             parts.append(figure)
         if reason and status != "ok":
             parts.append(f"({reason[:120]})")
+        if stability and stability != "stable":
+            attempts = metrics.get(R.CELL_ATTEMPTS)
+            parts.append(stability.upper() + (f" after {attempts:.0f} attempts" if attempts and attempts > 1 else ""))
         parts.append(f"cell {wall_s:.1f} s")
         parts.append(f"elapsed {_clock(time.time() - self.started)}")
         if todo and left is not None:

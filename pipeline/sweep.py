@@ -82,12 +82,14 @@ class GridSweeper(BasicSweeper):
         checked_tasks: set[tuple[str, int]] = set()
         gpu_cell = None
         plan = []  # every cell's scenario and analytic cost, for the progress lines' estimate
+        rounds_of = []  # every cell's rounds (kernel cells; 1 for the others)
         for job in jobs:
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, job)
             try:
                 d = to_dict(cfg)
                 check_cell(d, checked_tasks)
                 plan.append({"scenario": d["scenario"]["name"], "units": cell_units(d)})
+                rounds_of.append(int(d.get("rounds") or 1) if d["scenario"]["name"] == "kernel" else 1)
                 if gpu_cell is None and wants_cuda(d):
                     gpu_cell = job
             except ConfigError as e:
@@ -99,6 +101,8 @@ class GridSweeper(BasicSweeper):
             print(f"attnbench: error: {why} (cell: {' '.join(gpu_cell)})", file=sys.stderr)
             sys.exit(2)
 
+        if max(rounds_of) > 1:
+            jobs, plan = interleave_rounds(jobs, plan, rounds_of)
         tcfg = self.config.get("tracking") or {}
         try:
             tr = tracking.Tracker(tracking.tracking_uri(tcfg.get("uri")), tcfg.get("experiment", "attnbench"))
@@ -171,6 +175,26 @@ class GridSweeper(BasicSweeper):
                 tr.log_file(parent, f, "report")
         tr.set_tag(parent, R.REPORT_DIR, str(out))
         print(f"[attnbench] report: {Path(out) / 'report.html'}  (markdown: {Path(out) / 'report.md'})", flush=True)
+
+
+def interleave_rounds(jobs: list[list[str]], plan: list[dict], rounds_of: list[int],
+                      seed: int | None = None) -> tuple[list[list[str]], list[dict]]:
+    """Cells with rounds = R > 1 become R cells (`+round=1` … `+round=R`, a replicate: its own
+    config_hash and run `-r{k}`), run as round 1 of every cell, then round 2, …, each round in a
+    new shuffled order, so that a drift of the machine spreads over every cell instead of
+    landing on a few (asv's interleaved rounds, Google Benchmark's random interleaving). Cells
+    with rounds = 1 run once, in the first round. Returns the jobs and their plan entries."""
+    import random
+
+    rng = random.Random(seed)
+    out_jobs, out_plan = [], []
+    for r in range(1, max(rounds_of) + 1):
+        batch = [(job + ([f"+round={r}"] if k > 1 else []), p)
+                 for job, p, k in zip(jobs, plan, rounds_of) if r <= k]
+        rng.shuffle(batch)
+        out_jobs += [j for j, _ in batch]
+        out_plan += [p for _, p in batch]
+    return out_jobs, out_plan
 
 
 def gpu_launch_problem(launcher: Any, cuda_missing: Callable[[], str | None]) -> str | None:

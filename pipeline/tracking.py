@@ -235,7 +235,7 @@ def host_tags() -> dict[str, str]:
 def run_name(cfg: Mapping[str, Any]) -> str:
     """`{model}-n{seq_len}-{scenario}` plus `-ckpt` when checkpointing (DESIGN §6)."""
     return R.run_name(cfg["model"]["name"], cfg["seq_len"], cfg["scenario"]["name"],
-                      bool((cfg.get("trainer") or {}).get("grad_checkpointing")))
+                      bool((cfg.get("trainer") or {}).get("grad_checkpointing")), cfg.get("round"))
 
 
 class Tracker:

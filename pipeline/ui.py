@@ -15,7 +15,7 @@ from pipeline import record as R
 
 # the runs table's columns a sweep opens with (those its cells have), in this order
 VIEW_COLUMNS = (("params", R.SEQ_LEN), ("tags", R.MODEL), ("tags", R.SCENARIO), ("tags", R.STATUS),
-                ("metrics", R.KERNEL_FWD_MS), ("metrics", R.KERNEL_FWDBWD_MS), ("metrics", R.KERNEL_PEAK_MEM_MB),
+                ("tags", R.STABILITY), ("metrics", R.KERNEL_FWD_MS), ("metrics", R.KERNEL_FWDBWD_MS), ("metrics", R.KERNEL_PEAK_MEM_MB),
                 ("metrics", R.DECODE_MS_PER_TOKEN), ("metrics", R.VAL_ACC), ("metrics", R.QUALITY_REL_ERR_VS_EXACT),
                 ("metrics", R.TRAIN_STEP_MS), ("tags", R.BACKEND))
 SHARED_VIEW_PREFIX = "mlflow.sharedViewState."  # an experiment tag the UI loads with ?viewStateShareKey=

@@ -15,7 +15,7 @@ from pipeline.registry import discover_variants
 from pipeline.tracking import Tracker
 from tests.support import REPO, compose, run_cli
 
-FAST = ["scenario.min_time_s=0", "scenario.min_repeats=2", "scenario.warmup=1", "scenario.warmup_s=0", "seq_len=32"]
+FAST = ["scenario.min_time_s=0", "scenario.noise_max_s=0", "scenario.min_repeats=2", "scenario.warmup=1", "scenario.warmup_s=0", "seq_len=32"]
 
 
 def cell(store_uri, experiment, *overrides):
@@ -123,6 +123,7 @@ def test_sweep_parent_children_resume_and_oom_skip(tmp_path):
     uri = f"sqlite:///{tmp_path / 'sweep.db'}"
     env = {"MLFLOW_TRACKING_URI": uri, "ATTNBENCH_CACHE": str(tmp_path / "cache")}
     args = ["-m", "model=glob(*)", "scenario=kernel", "seq_len=32,48", "scenario.min_time_s=0", "scenario.warmup_s=0", "scenario.min_repeats=2",
+            "scenario.noise_max_s=0",
             "hydra.sweeper.report=false", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
     r = run_cli(args, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

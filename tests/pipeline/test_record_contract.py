@@ -42,11 +42,18 @@ def _sweep(tmp_path, *args: str) -> dict[str, dict]:
 
 
 # names added since the fixture, each with its meaning in pipeline/record.py: new, not changed
-ADDED = {"metrics": {R.CELL_SCENARIO_S, R.CELL_OVERHEAD_S, R.TRAIN_LOSS_FALL}, "tags": {R.ISOLATION},
-         "params": {R.ISOLATION, "model.norm_cap"}}
-# variants whose measurement changed since (performer's norm cap): a new config_hash, so an old
-# store never hands their earlier figures back as if measured now
+# (the trust layer: each timed median's CI and left-out calls, the cell's stability and attempts)
+TRUST_METRICS = {name for m in R.TIMED for name in (*R.ci_names(m), R.left_out_name(m))}
+ADDED = {"metrics": {R.CELL_SCENARIO_S, R.CELL_OVERHEAD_S, R.TRAIN_LOSS_FALL, R.CELL_ATTEMPTS, R.CELL_ATTEMPT,
+                     R.CELL_OTHERS_CORES, R.CELL_STEAL_FRAC} | TRUST_METRICS,
+         "tags": {R.ISOLATION, R.STABILITY, R.STABILITY_REASON},
+         "params": {R.ISOLATION, "model.norm_cap", "remeasure", "remeasure_pause_s", "rounds", "scenario.noise_target",
+                    "scenario.noise_max_s"}}
+# cells whose measurement changed since: a new config_hash, so an old store never hands their
+# earlier figures back as if measured now (performer's norm cap; the kernel scenario's timing
+# loop, which now samples until its noise target and leaves disturbed calls out)
 NEW_IDENTITY = ("performer-",)
+NEW_IDENTITY_SCENARIOS = ("-kernel",)
 
 
 def _new_scenarios_only(got: dict) -> dict:
@@ -62,7 +69,7 @@ def _same(got: dict, want: dict) -> None:
                 optional = set(R.KERNEL_MIXING_ONLY_WHEN_MEASURABLE) if key == "metrics" else set()
                 got[name][key] = sorted(set(got[name][key]) - optional - ADDED[key])
                 rec = {**rec, key: sorted(set(rec[key]) - optional)}
-            if key == "config_hash" and name.startswith(NEW_IDENTITY):
+            if key == "config_hash" and (name.startswith(NEW_IDENTITY) or name.endswith(NEW_IDENTITY_SCENARIOS)):
                 assert got[name][key] != rec[key], f"{name}: its measurement changed, its identity must too"
                 continue
             assert got[name][key] == rec[key], f"{name}: {key} differ: +{set(got[name][key]) - set(rec[key])} " \

@@ -34,7 +34,7 @@ def _chromium(*args: str) -> str:
 
 def test_make_ui_address_opens_the_sweep_runs_with_metric_columns(tmp_path):
     uri = f"sqlite:///{tmp_path / 'ui.db'}"
-    r = run_cli(["-m", "model=vanilla,ssm", "seq_len=64", "scenario.min_time_s=0.05", "scenario.warmup_s=0",
+    r = run_cli(["-m", "model=vanilla,ssm", "seq_len=64", "scenario.min_time_s=0.05", "scenario.noise_max_s=0", "scenario.warmup_s=0",
                  "scenario.min_repeats=2", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'mr'}",
                  "hydra.sweeper.report=false"], timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
