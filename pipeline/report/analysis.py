@@ -17,13 +17,23 @@ from pipeline.report.format import span
 FIT_POINTS = 3  # exponents are fitted over this many of the largest lengths that ran ok
 
 
+BOOTSTRAP_DRAWS = 2000
+Z95 = 1.959964
+
+
 @dataclass(frozen=True)
 class PowerFit:
-    """y ≈ prefactor · n^exponent, fitted in log-log space over `lengths`."""
+    """y ≈ prefactor · n^exponent, fitted in log-log space over `lengths`; `ci` is the exponent's
+    95 % interval where the values carried CIs of their own (None otherwise)."""
 
     exponent: float
     prefactor: float
     lengths: tuple[int, ...]
+    ci: tuple[float, float] | None = None
+
+    def describe(self) -> str:
+        """`1.93 [1.88, 1.98]`, or `1.93` without a CI."""
+        return f"{self.exponent:.2f}" + (f" [{self.ci[0]:.2f}, {self.ci[1]:.2f}]" if self.ci else "")
 
     def predict(self, n: float) -> float:
         return self.prefactor * n**self.exponent
@@ -42,15 +52,52 @@ def median_per_n(n: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np
     return lengths, np.array([np.median(y_arr[n_arr == v]) for v in lengths])
 
 
-def fit_power_law(n: Sequence[float], y: Sequence[float], largest: int = FIT_POINTS) -> PowerFit | None:
+def fit_power_law(n: Sequence[float], y: Sequence[float], largest: int = FIT_POINTS,
+                  lo: Sequence[float] | None = None, hi: Sequence[float] | None = None) -> PowerFit | None:
     """Least-squares line through (log n, log y) over the `largest` distinct lengths with a
-    finite positive value (repeats at one length -> their median). None below 2 lengths."""
+    finite positive value (repeats at one length -> their median). None below 2 lengths.
+
+    With `lo` and `hi`, each value's 95 % CI (a timed median's), the exponent gets a 95 % CI by
+    a parametric bootstrap: every draw moves each length's value within its own uncertainty (log
+    normal, σ = log(hi/lo) / 3.92) and refits; the interval is the draws' 2.5th-97.5th
+    percentiles. Resampling the lengths themselves would mean little over 3 points; this is the
+    uncertainty the measurement leaves, not how well a power law describes the curve. Where a
+    length has repeats (rounds in separate processes), the standard error of their mean log
+    stands in for the CI when it is the larger: it carries the run-to-run variance."""
     lengths, values = median_per_n(n, y)
     lengths, values = lengths[-largest:], values[-largest:]
     if len(lengths) < 2:
         return None
-    slope, intercept = np.polyfit(np.log(lengths), np.log(values), 1)
-    return PowerFit(float(slope), float(np.exp(intercept)), tuple(int(v) for v in lengths))
+    x = np.log(lengths)
+    slope, intercept = np.polyfit(x, np.log(values), 1)
+    ci = None
+    if lo is not None and hi is not None:
+        sigma = _log_sigma_per_n(n, y, lo, hi, lengths)
+        if sigma is not None:
+            rng = np.random.default_rng(0)
+            draws = np.log(values)[None, :] + rng.standard_normal((BOOTSTRAP_DRAWS, len(x))) * sigma[None, :]
+            xc = x - x.mean()
+            slopes = (draws - draws.mean(axis=1, keepdims=True)) @ xc / (xc @ xc)
+            ci = (float(np.percentile(slopes, 2.5)), float(np.percentile(slopes, 97.5)))
+    return PowerFit(float(slope), float(np.exp(intercept)), tuple(int(v) for v in lengths), ci)
+
+
+def _log_sigma_per_n(n, y, lo, hi, lengths) -> np.ndarray | None:
+    """Each length's σ of log(value) from its cells' CIs (the median over repeats); None when a
+    length has no usable CI."""
+    n_a, y_a = np.asarray(n, dtype=float), np.asarray(y, dtype=float)
+    lo_a, hi_a = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+    good = np.isfinite(lo_a) & np.isfinite(hi_a) & (lo_a > 0) & (hi_a >= lo_a) & np.isfinite(y_a) & (y_a > 0)
+    out = []
+    for v in lengths:
+        at = good & (n_a == v)
+        if not at.any():
+            return None
+        sigma = float(np.median(np.log(hi_a[at] / lo_a[at]))) / (2 * Z95)
+        if at.sum() >= 2:  # repeats (rounds, seeds): their spread is run-to-run variance, usually the larger
+            sigma = max(sigma, float(np.std(np.log(y_a[at]), ddof=1)) / np.sqrt(at.sum()))
+        out.append(sigma)
+    return np.array(out)
 
 
 @dataclass(frozen=True)

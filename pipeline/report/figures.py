@@ -16,8 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline import record as R
-from pipeline.report.analysis import fit_power_law
-from pipeline.report.lines import Line
+from pipeline.report.lines import SEQ_LEN, Line
 
 
 def variant_colours(names: Iterable[str]) -> dict[str, Any]:
@@ -86,14 +85,24 @@ def plot_scaling(lines: list[Line], metric: str, ylabel: str, title: str, colour
     fig, (ax,) = _new_figure()
     styles = _styles(lines)
     xs_all, ys_at_min = [], []
+    flagged_any = False
     for ln in lines:
         n, y = ln.series(metric)
         if len(n) == 0:
             continue
-        fit = fit_power_law(n, y)
-        slope = f", slope {fit.exponent:.2f}" if fit else ""
+        fit = ln.fit(metric)
+        slope = f", slope {fit.describe()}" if fit else ""
         ax.plot(n, y, marker="o", ms=4, color=colours[ln.model], ls=styles[ln.label],
                 label=f"{ln.label}{slope}")
+        lo_hi = ln.ci(metric)
+        if lo_hi is not None:  # the medians' 95 % CIs as error bars
+            ax.errorbar(n, y, yerr=[np.clip(y - lo_hi[0], 0, None), np.clip(lo_hi[1] - y, 0, None)],
+                        fmt="none", ecolor=colours[ln.model], elinewidth=1, capsize=2)
+        bad = ln.flagged()
+        if len(bad) and R.col(metric) in bad:  # cells not stable: a red ring around the point
+            ax.plot(bad[SEQ_LEN], bad[R.col(metric)], ls="none", marker="o", ms=10, mfc="none", mec="red",
+                    mew=1.2, label=None)
+            flagged_any = True
         xs_all.extend(n)
         ys_at_min.append((n[0], y[0]))
     if not xs_all:
@@ -107,6 +116,8 @@ def plot_scaling(lines: list[Line], metric: str, ylabel: str, title: str, colour
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
+    if flagged_any:
+        ax.plot([], [], ls="none", marker="o", ms=10, mfc="none", mec="red", label="not stable (see section 6)")
     ax.legend(fontsize=8)
     return _save(fig, path)
 

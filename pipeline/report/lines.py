@@ -104,7 +104,37 @@ class Line:
         return median_per_n(ok[SEQ_LEN], ok[col])
 
     def fit(self, metric: str) -> PowerFit | None:
-        return fit_power_law(*self.series(metric))
+        """The power law over the largest lengths; with an exponent CI where the metric is a
+        timed median that carries its own CI (pipeline/record.py TIMED)."""
+        ok = self.ok()
+        col = R.col(metric)
+        if col not in ok or ok.empty:
+            return None
+        if metric in R.TIMED:
+            lo, hi = (R.col(c) for c in R.ci_names(metric))
+            if lo in ok and hi in ok:
+                return fit_power_law(ok[SEQ_LEN], ok[col], lo=ok[lo], hi=ok[hi])
+        return fit_power_law(ok[SEQ_LEN], ok[col])
+
+    def ci(self, metric: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(lo, hi) of the 95 % CI of the metric at each length of `series(metric)` (the median
+        over repeats), where the metric is a timed median that carries one; else None."""
+        if metric not in R.TIMED:
+            return None
+        lo_c, hi_c = (R.col(c) for c in R.ci_names(metric))
+        ok = self.ok()
+        if lo_c not in ok or hi_c not in ok:
+            return None
+        n, _ = self.series(metric)
+        nl, lo = median_per_n(ok[SEQ_LEN], ok[lo_c])
+        nh, hi = median_per_n(ok[SEQ_LEN], ok[hi_c])
+        if not (np.array_equal(nl, n) and np.array_equal(nh, n)):
+            return None
+        return lo, hi
+
+    def flagged(self, lengths=None) -> pd.DataFrame:
+        """The ok cells (at `lengths`, if given) whose timings are not `stable`."""
+        return flagged(self.ok() if lengths is None else self.ok()[self.ok()[SEQ_LEN].isin(list(lengths))])
 
     def same_axes(self, other: Line) -> bool:
         """Whether the two lines share every other axis value (compared as text: NaN and types).
@@ -114,6 +144,18 @@ class Line:
             return {k: str(v) for k, v in axes.items() if not k.startswith(MODEL_KNOBS)}
 
         return others(self.axes) == others(other.axes)
+
+
+def flagged(cells: pd.DataFrame) -> pd.DataFrame:
+    """Cells whose `stability` tag is there and is not `stable` (unstable, contaminated)."""
+    col = R.col(R.STABILITY)
+    if col not in cells:
+        return cells.iloc[0:0]
+    s = cells[col]
+    return cells[s.notna() & (s != "stable")]
+
+
+FLAG = "†"  # marks a figure behind which a cell is not `stable`
 
 
 def kernel_lines(cells: pd.DataFrame, scenario: str = "kernel") -> list[Line]:

@@ -78,16 +78,19 @@ def _row(run, reused: bool) -> dict[str, Any]:
 
 
 def latest_per_config(frame: pd.DataFrame) -> pd.DataFrame:
-    """One run per config_hash: the latest `ok` one, else the latest of any status (a failure
-    later fixed by a rerun is not a failure of the experiment). Runs without a hash all stay."""
-    hash_col, status = R.col(R.CONFIG_HASH), R.col(R.STATUS)
+    """One run per config_hash: the latest `ok` one whose timings are `stable`, else the latest
+    `ok` one, else the latest of any status (a failure later fixed by a rerun is not a failure
+    of the experiment; a disturbed measurement is left out where a stable one of the same cell
+    exists). Runs without a hash all stay."""
+    hash_col, status, stab = R.col(R.CONFIG_HASH), R.col(R.STATUS), R.col(R.STABILITY)
     if hash_col not in frame or frame.empty:
         return frame
     has = frame[hash_col].notna()
     keep = [frame[~has]]
     for _, g in frame[has].groupby(hash_col, sort=False):
         ok = g[g[status] == "ok"] if status in g else g.iloc[0:0]
-        pool = ok if len(ok) else g
+        stable = ok[ok[stab] == "stable"] if stab in ok else ok.iloc[0:0]
+        pool = stable if len(stable) else ok if len(ok) else g
         keep.append(pool.sort_values("start_time").tail(1))
     return pd.concat(keep).sort_index()
 

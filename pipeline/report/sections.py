@@ -17,6 +17,7 @@ from pipeline.report.document import Doc
 from pipeline.report.figures import plot_checkpointing, plot_flops, plot_pareto, plot_scaling
 from pipeline.report.format import fmt, fmt_lengths, fmt_n, mean_std, sci
 from pipeline.report.lines import (
+    FLAG,
     MEMORY_COSTS,
     MODEL,
     QUALITY_METRICS,
@@ -27,6 +28,7 @@ from pipeline.report.lines import (
     TIME_COSTS,
     Line,
     checkpointing_effect,
+    flagged,
     memory_budget_mb,
     pareto_panels,
 )
@@ -51,7 +53,25 @@ def section_header(doc: Doc, title: str, table: RunTable) -> None:
     if cells["start_time"].notna().any():
         first, last = cells["start_time"].min(), cells["start_time"].max()
         facts.append(f"runs started {first:%Y-%m-%d %H:%M} … {last:%Y-%m-%d %H:%M}")
-    doc.bullets(facts + table.notes)
+    doc.bullets([trust_line(cells)] + facts + table.notes)
+
+
+def trust_line(cells: pd.DataFrame) -> str:
+    """The report's first line: how many timed cells are not `stable`, and how many were measured again."""
+    col = R.col(R.STABILITY)
+    timed = cells[(cells[STATUS] == "ok") & cells[col].notna()] if col in cells else cells.iloc[0:0]
+    if timed.empty:
+        return "**timings:** no cell carries a stability verdict (recorded before it existed, or nothing timed)"
+    bad = flagged(timed)
+    counts = bad[col].value_counts()
+    attempts = pd.to_numeric(timed.get(R.col(R.CELL_ATTEMPTS), pd.Series(dtype=float)), errors="coerce")
+    again = int((attempts > 1).sum())
+    head = (f"**timings: {len(bad)} of {len(timed)} timed cells flagged** ("
+            + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; marked {FLAG} below, listed in section 6)"
+            if len(bad) else f"**timings:** all {len(timed)} timed cells stable")
+    return head + f"; {again} measured again in a new process" + (
+        f"; {len(cells[(cells[STATUS] == 'ok')]) - len(timed)} ok cell(s) without a verdict" if
+        len(cells[cells[STATUS] == "ok"]) > len(timed) else "")
 
 
 def _at(line: Line, metric: str, n: int) -> float | None:
@@ -66,8 +86,16 @@ def _common_n(lines: list[Line], metric: str) -> int | None:
     return max(common) if common else None
 
 
-def _exponent(fit) -> str:
-    return f"{fit.exponent:.2f}" if fit else "—"
+def _exponent(fit, line: Line | None = None) -> str:
+    """The exponent with its CI, flagged when a cell it was fitted on is not stable."""
+    if not fit:
+        return "—"
+    mark = FLAG if line is not None and len(line.flagged(fit.lengths)) else ""
+    return fit.describe() + mark
+
+
+def _at_flag(line: Line, n: int | None) -> str:
+    return FLAG if n and len(line.flagged([n])) else ""
 
 
 def section_headline(doc: Doc, lines: list[Line], qgroups: pd.DataFrame) -> None:
@@ -78,7 +106,9 @@ def section_headline(doc: Doc, lines: list[Line], qgroups: pd.DataFrame) -> None
         n_common = _common_n(lines, R.KERNEL_FWD_MS)
         m_common = _common_n(lines, R.KERNEL_PEAK_MEM_MB)
         doc.p(f"Exponents are least-squares slopes of log(value) on log(n) over the {FIT_POINTS} largest "
-              "lengths that ran ok for each line (the lengths used are listed). "
+              "lengths that ran ok for each line (the lengths used are listed), with a 95 % CI in brackets "
+              "where the cells carry CIs of their medians (a bootstrap within those CIs). "
+              f"{FLAG}: a cell behind the figure is not `stable` (section 6 lists it). "
               + (f"Time is compared at the largest length every line ran: n = {n_common:,}. " if n_common
                  else "No length ran ok on every line, so no common-length column. ")
               + (f"Memory at n = {m_common:,}." if m_common else ""))
@@ -94,15 +124,45 @@ def section_headline(doc: Doc, lines: list[Line], qgroups: pd.DataFrame) -> None
             used = sorted({v for f in (ft, fb, fm) if f for v in f.lengths})
             backends = sorted(set(ln.ok().get(R.col(R.BACKEND), pd.Series(dtype=str)).dropna()))
             row = [ln.label, {True: "yes", False: "no", None: "unknown"}[ln.exact],
-                   _exponent(ft), _exponent(fb), _exponent(fm), fmt_lengths(used) or "—",
-                   fmt(_at(ln, R.KERNEL_FWD_MS, n_common)) if n_common else "—",
-                   fmt(_at(ln, R.KERNEL_FWDBWD_MS, n_common)) if n_common else "—",
+                   _exponent(ft, ln), _exponent(fb, ln), _exponent(fm), fmt_lengths(used) or "—",
+                   fmt(_at(ln, R.KERNEL_FWD_MS, n_common)) + _at_flag(ln, n_common) if n_common else "—",
+                   fmt(_at(ln, R.KERNEL_FWDBWD_MS, n_common)) + _at_flag(ln, n_common) if n_common else "—",
                    fmt(_at(ln, R.KERNEL_PEAK_MEM_MB, m_common)) if m_common else "—",
                    ", ".join(backends) or "—"]
             row += [_headline_quality(qgroups, ln.model, t) for t in tasks]
             rows.append(row)
         doc.table(headers, rows)
+        _rounds_table(doc, lines)
     _quality_table(doc, qgroups)
+
+
+def _rounds_table(doc: Doc, lines: list[Line]) -> None:
+    """Where kernel cells ran in several rounds (`rounds` > 1): each line and length's rounds,
+    their median (the figure the tables use), their spread, and the spread inside one run."""
+    col = R.col(R.ROUND, "param")
+    rows = []
+    for ln in lines:
+        ok = ln.ok()
+        if col not in ok or ok[col].notna().sum() == 0:
+            continue
+        fwd = R.col(R.KERNEL_FWD_MS)
+        lo, hi = (R.col(c) for c in R.ci_names(R.KERNEL_FWD_MS))
+        for n, g in ok.groupby(SEQ_LEN):
+            v = pd.to_numeric(g[fwd], errors="coerce").dropna()
+            if len(v) < 2:
+                continue
+            med = float(v.median())
+            within = ((pd.to_numeric(g[hi], errors="coerce") - pd.to_numeric(g[lo], errors="coerce")) / 2
+                      / pd.to_numeric(g[fwd], errors="coerce")).median() if lo in g and hi in g else np.nan
+            rows.append([ln.label, fmt_n(n), str(len(v)), fmt(med), f"{fmt(v.min())}–{fmt(v.max())}",
+                         f"{(v.max() - v.min()) / med:.1%}", f"±{within:.1%}" if np.isfinite(within) else "—"])
+    if rows:
+        doc.h(3, "Rounds: run-to-run spread")
+        doc.p("Kernel cells measured in several rounds, each in its own process, the rounds interleaved "
+              "across the sweep in shuffled order. The tables and fits use the median of the rounds; the "
+              "spread across rounds is the run-to-run variance that a CI from one run does not carry.")
+        doc.table(["line", "n", "rounds", "fwd ms (median of rounds)", "range", "range / median",
+                   "CI half-width inside one run (median)"], rows)
 
 
 def _headline_quality(qgroups: pd.DataFrame, model: str, task: str) -> str:
@@ -203,7 +263,8 @@ def section_crossover(doc: Doc, lines: list[Line]) -> None:
         return
     doc.p("Where each efficient line becomes faster (forward time) and smaller (forward peak "
           "memory) than each exact line with the same other axes, interpolated in log-log space "
-          "between the two measured lengths around the last sign change.")
+          "between the two measured lengths around the last sign change; the range is where the "
+          "crossing lies when each median moves within its 95 % CI.")
     rows = []
     for eff in others:
         for ex in exact:
@@ -214,8 +275,21 @@ def section_crossover(doc: Doc, lines: list[Line]) -> None:
                 ce, ye = eff.series(metric)
                 cx, yx = ex.series(metric)
                 common = np.intersect1d(ce, cx)
-                co = crossover(common, ye[np.isin(ce, common)], yx[np.isin(cx, common)])
-                cells.append(co.describe(word))
+                at_e, at_x = np.isin(ce, common), np.isin(cx, common)
+                co = crossover(common, ye[at_e], yx[at_x])
+                text = co.describe(word)
+                ci_e, ci_x = eff.ci(metric), ex.ci(metric)
+                if co.verdict == "crosses" and ci_e is not None and ci_x is not None:
+                    # the range the medians' CIs allow: the efficient line at its best against
+                    # the exact one at its worst, and the other way round
+                    early = crossover(common, ci_e[0][at_e], ci_x[1][at_x])
+                    late = crossover(common, ci_e[1][at_e], ci_x[0][at_x])
+                    ends = [c.n for c in (early, late) if c.verdict == "crosses"]
+                    if len(ends) == 2:
+                        text += f" (range {fmt(min(ends))}–{fmt(max(ends))})"
+                    else:
+                        text += " (range: the CIs overlap beyond the grid)"
+                cells.append(text)
             rows.append(cells)
     doc.table(["efficient", "vs exact", "faster (forward)", "faster (fwd+bwd)", "smaller (forward peak)"], rows)
     _ratio_table(doc, exact, others)
@@ -326,7 +400,7 @@ def _run_ref(r) -> str:
 
 
 def section_failures(doc: Doc, cells: pd.DataFrame) -> None:
-    doc.h(2, "6. Cells that did not finish ok")
+    doc.h(2, "6. Cells that did not finish ok, or whose timings are not stable")
     bad = cells[cells[STATUS] != "ok"]
     reason = R.col(R.FAILURE_REASON)
     if bad.empty:
@@ -336,6 +410,7 @@ def section_failures(doc: Doc, cells: pd.DataFrame) -> None:
                   [[r.get(MODEL), r.get(SCENARIO), r.get(R.col(R.TASK)), fmt_n(r.get(SEQ_LEN)), r[STATUS],
                     r.get(reason) if isinstance(r.get(reason), str) else "—", _run_ref(r)]
                    for _, r in bad.iterrows()])
+    _flagged_table(doc, cells)
     col = R.col(R.FWDBWD_SKIPPED)
     part = cells[(cells[STATUS] == "ok") & cells[col].notna()] if col in cells else cells.iloc[0:0]
     if not part.empty:
@@ -343,6 +418,23 @@ def section_failures(doc: Doc, cells: pd.DataFrame) -> None:
         doc.table(["variant", "n", "dtype", "why", "run"],
                   [[r.get(MODEL), fmt_n(r.get(SEQ_LEN)), r.get(R.col(R.DTYPE, "param"), "—"), r[col], _run_ref(r)]
                    for _, r in part.iterrows()])
+
+
+def _flagged_table(doc: Doc, cells: pd.DataFrame) -> None:
+    """Cells that finished ok but whose timings are not `stable`, with the evidence."""
+    bad = flagged(cells[cells[STATUS] == "ok"])
+    if bad.empty:
+        return
+    doc.p(f"Cells that finished ok but whose timings are not `stable` ({FLAG} in the tables; the "
+          "evidence is the OS's: calls that waited for a CPU, other processes' CPU use, the spread; "
+          "docs/measurement.md gives the rules). Their figures stand in the tables, marked, where no "
+          "stable measurement of the same cell exists:")
+    attempts = R.col(R.CELL_ATTEMPTS)
+    doc.table(["variant", "scenario", "n", "stability", "attempts", "evidence", "run"],
+              [[r.get(MODEL), r.get(SCENARIO), fmt_n(r.get(SEQ_LEN)), r[R.col(R.STABILITY)],
+                fmt_n(r.get(attempts)) if pd.notna(r.get(attempts)) else "1",
+                str(r.get(R.col(R.STABILITY_REASON)) or "—")[:400], _run_ref(r)]
+               for _, r in bad.iterrows()])
 
 
 def section_provenance(doc: Doc, cells: pd.DataFrame) -> None:

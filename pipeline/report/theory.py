@@ -207,11 +207,14 @@ _METRICS = {"fwd": R.KERNEL_FWD_MS, "proj": R.KERNEL_PROJ_MS, "mix": R.KERNEL_MI
 
 
 def cell_medians(group: Line) -> pd.DataFrame:
-    """One row per (n, D, H, B) of the ok cells: the median of each metric (NaN: not logged)."""
+    """One row per (n, D, H, B) of the ok cells: the median of each metric (NaN: not logged),
+    and the forward median's 95 % CI (`fwd_lo`, `fwd_hi`)."""
     ok = group.ok()
     frame = pd.DataFrame({"n": ok[SEQ_LEN], "D": ok[D_COL], "H": ok[H_COL], "B": ok[B_COL]}).astype(float)
     for short, metric in _METRICS.items():
         frame[short] = pd.to_numeric(ok[R.col(metric)], errors="coerce") if R.col(metric) in ok else np.nan
+    for end, name in zip(("fwd_lo", "fwd_hi"), R.ci_names(R.KERNEL_FWD_MS)):  # the medians' 95 % CIs
+        frame[end] = pd.to_numeric(ok[R.col(name)], errors="coerce") if R.col(name) in ok else np.nan
     med = frame.groupby(["n", "D", "H", "B"], as_index=False).median()
     return med.assign(hd=med["D"] / med["H"]).sort_values(["D", "H", "n"]).reset_index(drop=True)
 

@@ -94,7 +94,7 @@ def kernel_costs(cells: pd.DataFrame) -> pd.DataFrame:
     """Median cost of the ok kernel cells per (setting, n): fwd_ms, fwdbwd_ms, peak_mb and
     us_per_token (forward+backward time over the batch's tokens)."""
     k = cells[(cells[SCENARIO] == "kernel") & (cells[STATUS] == "ok")] if SCENARIO in cells else cells.iloc[0:0]
-    cols = ["key", "n"] + [c for c, _, _ in COSTS] + ["us_per_token"]
+    cols = ["key", "n"] + [c for c, _, _ in COSTS] + [f"{c}_halfwidth" for c, _, _ in COSTS] + ["us_per_token"]
     if k.empty:
         return pd.DataFrame(columns=cols)
     knobs = knob_columns(cells)
@@ -104,10 +104,24 @@ def kernel_costs(cells: pd.DataFrame) -> pd.DataFrame:
         for col, metric, _ in COSTS:
             vals = pd.to_numeric(g.get(R.col(metric), pd.Series(dtype=float)), errors="coerce").dropna()
             row[col] = float(vals.median()) if len(vals) else np.nan
+            row[f"{col}_halfwidth"] = _log_halfwidth(g, metric)
         batch = float(pd.to_numeric(g[BATCH], errors="coerce").median()) if BATCH in g else 1.0
         row["us_per_token"] = 1e3 * row["fwdbwd_ms"] / (max(batch, 1.0) * int(n))
         rows.append(row)
     return pd.DataFrame(rows, columns=cols)
+
+
+def _log_halfwidth(g: pd.DataFrame, metric: str) -> float:
+    """Half the width of a timed median's 95 % CI in log space, log(hi/lo)/2, the median over the
+    cells (NaN where the metric carries no CI)."""
+    if metric not in R.TIMED:
+        return np.nan
+    lo_c, hi_c = (R.col(c) for c in R.ci_names(metric))
+    if lo_c not in g or hi_c not in g:
+        return np.nan
+    lo, hi = (pd.to_numeric(g[c], errors="coerce") for c in (lo_c, hi_c))
+    w = (np.log(hi / lo) / 2).replace([np.inf, -np.inf], np.nan).dropna()
+    return float(w.median()) if len(w) else np.nan
 
 
 def knob_axes(cells: pd.DataFrame, model: str) -> list[str]:
@@ -124,7 +138,7 @@ def settings_table(qgroups: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     no such kernel cell ran ok)."""
     cols = ["task", "n", "scenario", "metric", "higher_is_better", "model", "label", "knob", "exact",
             "quality", "quality_std", "seeds", "baseline_metric", "baseline", "loss_fall"] \
-        + [c for c, _, _ in COSTS] + ["us_per_token"]
+        + [c for c, _, _ in COSTS] + [f"{c}_halfwidth" for c, _, _ in COSTS] + ["us_per_token"]
     if qgroups.empty:
         return pd.DataFrame(columns=cols)
     costs = {(r["key"], r["n"]): r for _, r in kernel_costs(cells).iterrows()}
@@ -160,7 +174,7 @@ def settings_table(qgroups: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
                    "loss_fall": float(fall.mean()) if len(fall) else np.nan}
             key = (setting_key(first, knobs), int(n))
             hit = costs.get(key)
-            for col in [c for c, _, _ in COSTS] + ["us_per_token"]:
+            for col in [c for c, _, _ in COSTS] + [f"{c}_halfwidth" for c, _, _ in COSTS] + ["us_per_token"]:
                 row[col] = float(hit[col]) if hit is not None else np.nan
             rows.append(row)
     return pd.DataFrame(rows, columns=cols)
@@ -168,11 +182,14 @@ def settings_table(qgroups: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
 
 def compare(table: pd.DataFrame) -> pd.DataFrame:
     """Per (task, n): `best_exact` (the best exact quality), `delta` (quality minus it) and, per
-    cost, `<cost>_ratio` (the setting's over the cheapest exact setting's at that n)."""
+    cost, `<cost>_ratio` (the setting's over the cheapest exact setting's at that n) with its 95 %
+    CI `<cost>_ratio_lo`, `<cost>_ratio_hi` where both medians carry one (their log half-widths
+    added in quadrature: the two are measured independently)."""
     out = table.copy()
     out["best_exact"], out["delta"] = np.nan, np.nan
     for col, _, _ in COSTS:
         out[f"{col}_ratio"] = np.nan
+        out[f"{col}_ratio_lo"], out[f"{col}_ratio_hi"] = np.nan, np.nan
     for _, g in out.groupby(["task", "n"], sort=True):
         ex = g[g["exact"] == True]  # noqa: E712 - the column holds True, False or None
         if ex.empty:
@@ -184,7 +201,14 @@ def compare(table: pd.DataFrame) -> pd.DataFrame:
         for col, _, _ in COSTS:
             floor = ex[col].min()
             if np.isfinite(floor) and floor > 0:
-                out.loc[g.index, f"{col}_ratio"] = g[col] / floor
+                ratio = g[col] / floor
+                out.loc[g.index, f"{col}_ratio"] = ratio
+                hw_col = f"{col}_halfwidth"
+                if hw_col in g:
+                    floor_hw = ex.loc[ex[col].idxmin(), hw_col]
+                    hw = np.sqrt(g[hw_col].astype(float) ** 2 + float(floor_hw) ** 2)
+                    out.loc[g.index, f"{col}_ratio_lo"] = ratio * np.exp(-hw)
+                    out.loc[g.index, f"{col}_ratio_hi"] = ratio * np.exp(hw)
     return out
 
 
@@ -266,8 +290,11 @@ def tradeoff_panels(compared: pd.DataFrame, cost: str, cost_label: str) -> list[
 # ----------------------------------------------------------------------------- the section
 
 
-def _ratio(v: float) -> str:
-    return f"{v:.2f}×" if np.isfinite(v) else MISSING
+def _ratio(v: float, lo: float = np.nan, hi: float = np.nan) -> str:
+    """`0.45×`, with its CI `[0.43, 0.47]` where there is one."""
+    if not np.isfinite(v):
+        return MISSING
+    return f"{v:.2f}×" + (f" [{lo:.2f}, {hi:.2f}]" if np.isfinite(lo) and np.isfinite(hi) else "")
 
 
 def _quality(r: pd.Series) -> str:
@@ -294,7 +321,8 @@ def section_tradeoff(doc: Doc, cells: pd.DataFrame, qgroups: pd.DataFrame, colou
           "cells of the same variant, knob values and n (medians). Per task and length: the quality "
           "(mean ± std over seeds), its difference from the best exact variant's, the baseline it must "
           "beat, and forward time, forward+backward time and forward peak memory as ratios to the "
-          "cheapest exact variant at that n (below 1×: cheaper). For a trained task with no accuracy "
+          "cheapest exact variant at that n (below 1×: cheaper; in brackets the ratio's 95 % CI from "
+          "the two medians' CIs). For a trained task with no accuracy "
           "floor (code_lm), how much the training loss still fell over the last quarter of the steps "
           "(mean of the third quarter minus the last, over the last): a setting well above 1 % was "
           "still learning when its budget ended.")
@@ -317,7 +345,7 @@ def section_tradeoff(doc: Doc, cells: pd.DataFrame, qgroups: pd.DataFrame, colou
                          _quality(r),
                          _signed(r["delta"]), fmt(r["baseline"])]
                         + ([_fall(r["loss_fall"])] if show_fall else [])
-                        + [_ratio(r[f"{c}_ratio"]) for c, _, _ in COSTS])
+                        + [_ratio(r[f"{c}_ratio"], r[f"{c}_ratio_lo"], r[f"{c}_ratio_hi"]) for c, _, _ in COSTS])
         doc.table(["setting", "exact", metric, "Δ vs best exact", base.iloc[0] if len(base) else "baseline"]
                   + (["loss fall, last ¼ of steps"] if show_fall else [])
                   + [f"{h} / exact" for _, _, h in COSTS], rows)

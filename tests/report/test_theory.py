@@ -8,6 +8,7 @@ one-line reason the report prints.
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipeline import record as R
@@ -220,7 +221,7 @@ def test_store_fit_recovers_known_a_b_c(store, rel, request):
 def test_answer_section_verdicts(report):
     out, sec = report
     rows = [ln for ln in sec.splitlines() if ln.startswith("| ") and " | xformers | " in ln]
-    assert len(rows) == 7
+    assert len(rows) == 8
     for row in rows:
         assert f"| {HOLDS} |" in row, row
     ns = np.array(HEAD_LENGTHS, float)
@@ -257,3 +258,57 @@ def test_no_section_at_one_width(store, tmp_path):
     doc = Doc()
     section_answer(doc, frame, {}, tmp_path)
     assert doc.blocks == []
+
+
+# ----------------------------------------------------------------------------- verdicts with CIs
+def test_interval_verdicts_have_three_outcomes():
+    from pipeline.report.answer import FAILS, INCONCLUSIVE, combine_verdicts, interval_verdict
+
+    assert interval_verdict(1.9, 2.0, 1.85, 2.15) == HOLDS
+    assert interval_verdict(1.2, 1.4, 1.85, 2.15) == FAILS
+    assert interval_verdict(1.8, 1.9, 1.85, 2.15) == INCONCLUSIVE
+    assert combine_verdicts([HOLDS, HOLDS]) == HOLDS
+    assert combine_verdicts([HOLDS, INCONCLUSIVE]) == INCONCLUSIVE
+    assert combine_verdicts([INCONCLUSIVE, FAILS]) == FAILS
+
+
+def _analysis_from(cells: pd.DataFrame):
+    from pipeline.report.theory import Analysis, fit_time
+
+    cells = cells.assign(B=1.0, hd=cells["D"] / cells["H"])
+    f = cells[cells["H"] == cells["H"].min()]
+    return Analysis(line=None, cells=cells, head_dim=float(f["hd"].iloc[0]),
+                    time=fit_time(f["n"], f["D"], 1, f["fwd"]), memory=None, held=None, causal=True)
+
+
+def _cells(rel_ci: float, heads=(1,), slope_per_h=None):
+    rows = []
+    for H in heads:
+        for D in (256, 512):
+            for n in (1024, 2048, 4096, 8192):
+                t = _time(n, D) * (1 if slope_per_h is None else (n / 1024) ** slope_per_h.get(H, 0))
+                rows.append({"n": float(n), "D": float(D), "H": float(H), "fwd": t,
+                             "fwd_lo": t * (1 - rel_ci), "fwd_hi": t * (1 + rel_ci)})
+    return pd.DataFrame(rows)
+
+
+def test_growth_claim_on_exponents_with_cis():
+    from pipeline.report.answer import INCONCLUSIVE, claim_growth
+
+    verdict, text = claim_growth(_analysis_from(_cells(0.01)))
+    assert verdict == HOLDS and "exponent 1." in text and "[" in text  # the CI is shown
+    # medians known only to ±60 %: the exponent's CI is too wide to say
+    verdict, _ = claim_growth(_analysis_from(_cells(0.6)))
+    assert verdict == INCONCLUSIVE
+
+
+def test_heads_claim_compares_exponents_with_their_cis():
+    from pipeline.report.answer import FAILS, INCONCLUSIVE, claim_heads
+
+    same = _analysis_from(_cells(0.01, heads=(1, 4)))
+    verdict, text = claim_heads(same)
+    assert verdict == HOLDS and "H = 1: " in text and "what heads change" in text
+    apart = _analysis_from(_cells(0.01, heads=(1, 4), slope_per_h={4: 0.6}))
+    assert claim_heads(apart)[0] == FAILS
+    wide = _analysis_from(_cells(0.5, heads=(1, 4), slope_per_h={4: 0.2}))
+    assert claim_heads(wide)[0] == INCONCLUSIVE
