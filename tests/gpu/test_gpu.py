@@ -109,7 +109,7 @@ def test_oversized_cell_is_recorded_as_oom_and_the_next_cell_runs(store_uri):
     next cell, in a fresh process, runs ok on the same GPU."""
     exp = "gpu-oom"
     base = ["model=vanilla", "trainer=gpu", "backbone=small", "backbone.dtype=bfloat16", "isolate=true",
-            "timeout_s=120", "scenario.min_time_s=0", "scenario.min_repeats=2", "scenario.warmup=1", "scenario.warmup_s=0",
+            "timeout_s=120", "scenario.min_time_s=0", "scenario.noise_max_s=0", "scenario.min_repeats=2", "scenario.warmup=1", "scenario.warmup_s=0",
             "scenario.count_flops=false", f"tracking.uri={store_uri}", f"tracking.experiment={exp}"]
     big = to_dict(compose([*base, "seq_len=262144", "budget.memory_gb=1000000"]))
     assert run_cell(big, quiet=True) == "oom"
@@ -149,7 +149,13 @@ def test_gpu_check_dry_run_prints_the_plan_and_validates_every_cell(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()  # a dry run writes nothing
 
 
-@pytest.mark.parametrize("grid", sorted(p.stem for p in (REPO / "conf" / "grid").glob("*.yaml")))
+# the default sweep's grid and the smoke grid stay in `make test`; composing every other cell of
+# every other grid takes 3-20 s a grid, and runs with the slow tests (.ci/run runs them)
+_FAST_GRIDS = ("cpu", "smoke")
+
+
+@pytest.mark.parametrize("grid", [pytest.param(g, marks=() if g in _FAST_GRIDS else pytest.mark.slow)
+                                  for g in sorted(p.stem for p in (REPO / "conf" / "grid").glob("*.yaml"))])
 def test_every_shipped_grid_composes_and_validates(grid, capsys):
     assert gpu_summary.plan(grid, []) == 0, capsys.readouterr().out
     out = capsys.readouterr().out

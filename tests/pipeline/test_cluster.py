@@ -32,7 +32,7 @@ from pipeline.sweep import SWEEP_FILE
 from pipeline.tracking import Tracker
 from tests.support import REPO
 
-BRIEF = ["scenario=kernel", "scenario.min_time_s=0", "scenario.min_repeats=2", "scenario.warmup=1",
+BRIEF = ["scenario=kernel", "scenario.min_time_s=0", "scenario.noise_max_s=0", "scenario.min_repeats=2", "scenario.warmup=1",
          "scenario.warmup_s=0", "scenario.fwdbwd=false", "hydra.sweeper.report=false"]
 VANILLA, RAISING, SLEEPY = "models.vanilla.VanillaAttention", "tests.faults.Raising", "tests.faults.Sleepy"
 LIMIT_S = 600  # generous bounds for a shared machine, never timing targets
@@ -496,6 +496,7 @@ def _captured_script(tmp_path, env, *args) -> str:
     return script
 
 
+@pytest.mark.slow  # 12 s of fake-SLURM submissions; the sbatch array test stays fast
 def test_gpus_are_asked_for_by_the_cells_that_use_them(tmp_path, fake_slurm):
     """hydra/launcher=slurm asks for no GPU for a grid of CPU cells (a CPU partition refuses any
     GPU request), for trainer.devices GPUs per task for a grid with GPU cells, and for what
@@ -515,6 +516,7 @@ def test_gpus_are_asked_for_by_the_cells_that_use_them(tmp_path, fake_slurm):
 # ----------------------------------------------------------------------------- dying tasks, end to end
 
 
+@pytest.mark.slow  # 55 s; scripts/ci_cluster.sh kills and cancels tasks on a real SLURM too
 def test_dying_tasks_are_recorded_and_the_sweeps_go_on(tmp_path, fake_slurm, server, sweep):
     """Two sweeps at once through the stand-in SLURM into one tracking server. Sweep A (with
     accounting): two cells that run ok, one cancelled mid-run (scancel: SIGTERM, SIGKILL only

@@ -25,7 +25,7 @@ from tests.support import REPO
 
 # The smoke grid's kernel cells (every variant) at a toy length, measured as briefly as the
 # kernel scenario allows: what is under test is where cells run and what reaches MLflow.
-BRIEF = ["scenario=kernel", "scenario.min_time_s=0", "scenario.min_repeats=2", "scenario.warmup=1", "scenario.warmup_s=0",
+BRIEF = ["scenario=kernel", "scenario.min_time_s=0", "scenario.noise_max_s=0", "scenario.min_repeats=2", "scenario.warmup=1", "scenario.warmup_s=0",
          "hydra.sweeper.report=false"]
 KERNEL_GRID = ["model=glob(*)", "seq_len=32", *BRIEF]
 # Many-writer tests: two cells of the reference variant per sweep, recorded as cheaply as possible.
@@ -107,6 +107,7 @@ def _free_port() -> int:
 # ----------------------------------------------------------------------------- submitit
 
 
+@pytest.mark.slow  # 22 s of submitit_local jobs; the sbatch array test stays fast
 def test_submitit_local_jobs_record_every_cell(tmp_path, store_uri):
     """Each cell runs as its own submitit job process; every job finds the sweep file (its run
     is a child of the sweep's parent) and its isolated cell process finds the repo packages."""
@@ -227,6 +228,7 @@ def mlflow_server(tmp_path_factory):
                 continue
 
 
+@pytest.mark.slow  # 17 s: two whole sweeps at once on a live server
 def test_concurrent_sweeps_through_the_server(tmp_path, mlflow_server):
     """Two sweeps at once on one server, one of them as submitit jobs two at a time: every
     cell recorded once, under its own sweep, artifacts stored by the server."""
@@ -255,6 +257,7 @@ def test_concurrent_sweeps_through_the_server(tmp_path, mlflow_server):
 # ----------------------------------------------------------------------------- one SQLite store
 
 
+@pytest.mark.slow  # 18 s: two whole sweeps at once; a fresh store's concurrent first open stays fast
 def test_concurrent_sweeps_on_one_sqlite_store(tmp_path):
     """Four sweeps at once on one SQLite store, created first as a sweep creates it before its
     jobs start: SQLite's single writer plus the tracker's retries lose nothing."""
