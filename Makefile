@@ -62,7 +62,7 @@ repeatability: install ## the same kernel cells twice in a row: how far apart th
 	$(BIN)/python -m pipeline.repeatability $(ARGS)
 
 .PHONY: noise-check
-noise-check: install ## the stability flags against a CPU hog this starts itself: a small kernel grid quiet, beside a continuous and an intermittent hog (on a quiet machine; ~10 min)
+noise-check: install ## the stability flags against a CPU hog this starts itself: a small kernel grid quiet, beside a continuous and an intermittent hog (on a quiet machine; 11 min on 2 cores)
 	$(BIN)/python -m pipeline.noise_check $(ARGS)
 
 overhead: install ## the harness's per-cell overhead, spawn vs fork, and the pipeline's figures against a bare loop

@@ -16,8 +16,10 @@ The rules, and why (docs/measurement.md says the same for users):
   contaminated sample. Measured here (2-core Xeon, 2 threads, 4-head attention): quiet, 2-3 %
   of calls pass 5 %; beside a continuous `yes`, 46-100 %.
 - **Leaving samples out.** Contaminated samples are left out of the estimate when at least
-  `MIN_CLEAN` clean ones remain and they are at least `CLEAN_SHARE` of all; otherwise the figure
-  is `contaminated`, since the clean rest is too small a part to stand for the whole.
+  `MIN_CLEAN` clean ones remain and they are more than `CLEAN_SHARE` of all. Where they are not
+  more than half, the figure is `contaminated`: the clean rest is too small a part to stand for
+  the whole. A short series (fewer than `MIN_CLEAN` clean calls) with a disturbed minority keeps
+  every call: its median still lies among the clean ones.
 - **The machine.** Other processes' CPU time over the measurement (/proc/stat's busy time less
   this process's own) in cores, steal time, and the run queue before and after. Where the cell
   leaves cores idle, a process on those cores slows it without preempting it (caches, memory
@@ -45,6 +47,7 @@ The rules, and why (docs/measurement.md says the same for users):
 """
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from collections.abc import Iterable, Sequence
@@ -52,7 +55,7 @@ from dataclasses import dataclass, field
 
 CONFIDENCE = 0.95
 WAIT_FRAC = 0.05      # a call whose threads waited on the run queue over 5 % of its wall time
-MIN_CLEAN = 5         # clean samples needed to leave contaminated ones out ...
+MIN_CLEAN = 6         # clean samples needed to leave contaminated ones out (a 95 % CI needs 6) ...
 CLEAN_SHARE = 0.5     # ... and the share of all samples they must be
 OTHERS_CORES = 0.5    # other processes' CPU use beside a cell that leaves cores idle
 STEAL_FRAC = 0.05     # hypervisor steal over the measurement
@@ -67,27 +70,21 @@ _RANK = {STABLE: 0, UNSTABLE: 1, CONTAMINATED: 2}
 
 
 # ----------------------------------------------------------------------------- estimators
-def _binom_cdf_half(k: int, n: int) -> float:
-    """P(X <= k) for X ~ Binomial(n, 1/2)."""
-    if k < 0:
-        return 0.0
-    if n <= 1000:
-        return sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    z = (k + 0.5 - n / 2) / math.sqrt(n / 4)  # normal approximation, continuity-corrected
-    return 0.5 * math.erfc(-z / math.sqrt(2))
-
-
+@functools.lru_cache(maxsize=4096)
 def median_ci_ranks(n: int, confidence: float = CONFIDENCE) -> tuple[int, int] | None:
     """0-based ranks (lo, hi) of the sorted samples that bound the median with at least
     `confidence`, distribution-free: the number of samples below the median is Binomial(n, 1/2),
     so [x(j), x(n-1-j)] covers it with probability 1 - 2·P(X <= j). The narrowest such pair;
-    None when even [min, max] covers less (n < 6 at 95 %)."""
-    best = None
+    None when even [min, max] covers less (n < 6 at 95 %). Cached per n: the timing loop asks
+    again as its samples grow."""
+    tail = (1 - confidence) / 2  # P(X <= j) may be at most this
+    log_half_n = n * math.log(0.5)
+    cdf, best = 0.0, None
     for j in range(n // 2):
-        if 1 - 2 * _binom_cdf_half(j, n) >= confidence:
-            best = j
-        else:
+        cdf += math.exp(math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + log_half_n)
+        if cdf > tail * (1 + 1e-12):
             break
+        best = j
     return None if best is None else (best, n - 1 - best)
 
 
@@ -184,15 +181,20 @@ def _iqr(s: Sequence[float]) -> float:
 
 
 def usable_samples(t: Timing) -> tuple[list[float], int, bool]:
-    """(samples the estimate uses, how many were left out, whether enough clean ones remained)."""
+    """(samples the estimate uses, how many were left out, whether enough clean ones remained).
+    Disturbed calls are left out while MIN_CLEAN clean ones remain; in a shorter series (a few
+    predict batches) a disturbed minority is kept: the median of the whole still lies among the
+    clean calls."""
     mask = t.clean_mask()
     clean = [x for x, ok in zip(t.ms, mask) if ok]
     left_out = len(t.ms) - len(clean)
     if left_out == 0:
         return list(t.ms), 0, True
-    if len(clean) >= MIN_CLEAN and len(clean) >= CLEAN_SHARE * len(t.ms):
+    if len(clean) < CLEAN_SHARE * len(t.ms) or (len(clean) == left_out):
+        return list(t.ms), 0, False
+    if len(clean) >= MIN_CLEAN:
         return clean, left_out, True
-    return list(t.ms), 0, False
+    return list(t.ms), 0, True
 
 
 def assess(t: Timing) -> Assessment:
@@ -210,17 +212,17 @@ def assess(t: Timing) -> Assessment:
     if t.others_cores is not None and t.others_cores >= OTHERS_CORES and t.threads < t.cpus:
         reasons_c.append(f"other processes used {t.others_cores:.2f} cores beside its {t.threads} of {t.cpus}")
     if t.steal_frac is not None and t.steal_frac > STEAL_FRAC:
-        reasons_c.append(f"hypervisor steal {t.steal_frac:.0%}")
+        reasons_c.append(f"hypervisor steal {t.steal_frac:.1%} (limit {STEAL_FRAC:.0%})")
     if t.device_note:
         reasons_c.append(t.device_note)
     cv = robust_cv(used)
     if cv > SPREAD_MAX:
-        reasons_u.append(f"spread {cv:.0%} of the median (IQR/1.349; limit {SPREAD_MAX:.0%})")
+        reasons_u.append(f"spread {cv:.1%} of the median (IQR/1.349; limit {SPREAD_MAX:.0%})")
     half = (hi - lo) / 2 / med if med > 0 else math.inf
     if not ci_covers(len(used)):
         reasons_u.append(f"{len(used)} samples: too few for a {CONFIDENCE:.0%} CI of the median")
     elif half > CI_MAX:
-        reasons_u.append(f"CI of the median ±{half:.0%} (limit ±{CI_MAX:.0%})")
+        reasons_u.append(f"CI of the median ±{half:.1%} (limit ±{CI_MAX:.0%})")
     step = step_change(used)
     if step is not None and abs(step) > STEP_MIN:
         reasons_u.append(f"step of {step:+.0%} between the halves of the series")

@@ -21,6 +21,7 @@ from pipeline.report.figures import plot_two_term
 from pipeline.report.format import MISSING, fmt, sci
 from pipeline.report.lines import SEQ_LEN, STATUS
 from pipeline.report.theory import (
+    BOOT_DRAWS,
     D_COL,
     PROJ_FLOPS_PER_UNIT,
     SCORE_FLOPS_PER_UNIT,
@@ -55,6 +56,13 @@ def _pct(x: float | None) -> str:
 
 def _ratio(x: float) -> str:
     return f"{x:,.0f}×" if x >= 10 else f"{x:.2f}×"
+
+
+def _range(ci) -> str:
+    """` [lo, hi]` of a 95 % interval, or nothing."""
+    if ci is None or not all(np.isfinite(ci)):
+        return ""
+    return f" [{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
 def _cell(f: pd.DataFrame, n: float, D: float):
@@ -356,9 +364,14 @@ def _fits(doc: Doc, analyses: list[Analysis]) -> None:
             continue
         held = _or_reason(an.held, lambda h: f"n = {h.n:,}: worst {_pct(h.worst)} ("
                           + ", ".join(f"D = {d:,}: {e:+.0%}" for d, e in h.errors) + ")")
-        rows.append(head + [fmt(ft.score_gflops()) if ft.a > 0 else "0 (no n²·D term)",
-                            fmt(ft.proj_gflops()) if ft.b > 0 else "0 (no n·D² term)",
+        iv = an.intervals
+        rows.append(head + [fmt(ft.score_gflops()) + _range(iv.score_gflops() if iv else None) if ft.a > 0
+                            else "0 (no n²·D term)",
+                            fmt(ft.proj_gflops()) + _range(iv.proj_gflops() if iv else None) if ft.b > 0
+                            else "0 (no n·D² term)",
                             fmt(ft.c), f"{ft.r2:.4f}", _pct(ft.worst), held])
+    doc.p("In brackets: 95 % intervals from a bootstrap (cells resampled with replacement, each median "
+          f"moved within its own CI, the fit repeated {BOOT_DRAWS} times).")
     doc.table(["variant", "cells (head dim)", "score term GFLOP/s", "projection term GFLOP/s", "c (ms)",
                "R²", "worst residual", "held out: largest n predicted from the rest"], rows)
 
@@ -377,11 +390,13 @@ def _crossovers(doc: Doc, analyses: list[Analysis]) -> None:
             if len(g) < 2:  # one length: nothing to cross
                 continue
             pred = an.time.crossover_n(D)
+            pred_ci = an.intervals.crossover_n(D) if an.intervals and pred else None
             mix = g["mix"].where(g["mix"].notna(), 0.05 * g["fwd"])
             co = crossover(g["n"], g["proj"], mix)
             measured = {"crosses": f"n ≈ {fmt(co.n)}", "below at every n": "mixing dominates at every n measured",
                         "not reached": "projections dominate at every n measured"}.get(co.verdict, MISSING)
-            rows.append([an.line.label, f"{D:,.0f}", f"n* ≈ {fmt(pred)}" if pred else "never (a term fitted 0)",
+            rows.append([an.line.label, f"{D:,.0f}", f"n* ≈ {fmt(pred)}{_range(pred_ci)}" if pred
+                         else "never (a term fitted 0)",
                          measured])
     if rows:
         doc.table(["variant", "D", "predicted (b/a)·D", "measured (projections vs mixing)"], rows)

@@ -22,7 +22,7 @@ from pipeline.report.analysis import FIT_POINTS, Crossover, crossover, median_pe
 from pipeline.report.document import Doc
 from pipeline.report.figures import plot_scaling
 from pipeline.report.format import MISSING, fmt, fmt_lengths
-from pipeline.report.lines import Line, memory_budget_mb
+from pipeline.report.lines import FLAG, Line, memory_budget_mb
 
 SCENARIO = "decode"
 # scenario.new_tokens: a schema field (pipeline/schema.py), recorded as a flattened config param
@@ -113,12 +113,17 @@ def _common_n(lines: list[Line], metric: str) -> int | None:
     return max(common) if common else None
 
 
-def _exponent(fit) -> str:
-    """A fitted slope to 2 decimals; a flat line's rounding noise (-0.00) reads 0.00."""
+def _exponent(fit, line: Line | None = None) -> str:
+    """A fitted slope to 2 decimals with its 95 % CI where there is one, † when a cell it was
+    fitted on is not stable; a flat line's rounding noise (-0.00) reads 0.00."""
     if fit is None:
         return MISSING
-    text = f"{fit.exponent:.2f}"
-    return "0.00" if text == "-0.00" else text
+    text = fit.describe().replace("-0.00", "0.00")
+    return text + (FLAG if line is not None and len(line.flagged(fit.lengths)) else "")
+
+
+def _flag_at(line: Line, n: int | None) -> str:
+    return FLAG if n and len(line.flagged([n])) else ""
 
 
 def _exact_word(line: Line) -> str:
@@ -146,7 +151,8 @@ def section_decoding(doc: Doc, lines: list[Line], budget_gb: float | None, colou
           f"each timed alone; `{R.DECODE_MS_PER_TOKEN}` is the median step. Exact attention reads a "
           "KV cache of n tokens per step (expected exponent ≈ 1); a variant with a constant-size "
           "state (sliding window, Performer's running sums, the SSM) does the same work at every n "
-          f"(≈ 0). Exponents are fitted over the {FIT_POINTS} largest lengths that ran ok.")
+          f"(≈ 0). Exponents are fitted over the {FIT_POINTS} largest lengths that ran ok, with a 95 % CI "
+          f"in brackets; {FLAG}: a cell behind the figure is not `stable` (section 6).")
     _latency(doc, lines, colours, out)
     _state(doc, lines, colours, out)
     _crossovers(doc, lines)
@@ -168,9 +174,9 @@ def _latency(doc: Doc, lines: list[Line], colours: dict, out: Path) -> None:
     for ln in lines:
         ft, fp = ln.fit(R.DECODE_MS_PER_TOKEN), ln.fit(R.DECODE_PREFILL_MS)
         rows.append([ln.label, _exact_word(ln), _state_word(line_state_fit(ln)),
-                     _exponent(ft), fmt_lengths(ft.lengths) if ft else MISSING,
-                     fmt(_at(ln, R.DECODE_MS_PER_TOKEN, n)), fmt(_at(ln, R.DECODE_TOKENS_PER_S, n)),
-                     _exponent(fp), fmt(_at(ln, R.DECODE_PREFILL_MS, n))])
+                     _exponent(ft, ln), fmt_lengths(ft.lengths) if ft else MISSING,
+                     fmt(_at(ln, R.DECODE_MS_PER_TOKEN, n)) + _flag_at(ln, n), fmt(_at(ln, R.DECODE_TOKENS_PER_S, n)),
+                     _exponent(fp, ln), fmt(_at(ln, R.DECODE_PREFILL_MS, n)) + _flag_at(ln, n)])
     doc.table(["variant", "exact", "state", "ms/token exp.", "fit lengths", f"ms/token{at}",
                f"tokens/s{at}", "prefill exp.", f"prefill ms{at}"], rows)
     if not n:

@@ -69,9 +69,9 @@ def trust_line(cells: pd.DataFrame) -> str:
     head = (f"**timings: {len(bad)} of {len(timed)} timed cells flagged** ("
             + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; marked {FLAG} below, listed in section 6)"
             if len(bad) else f"**timings:** all {len(timed)} timed cells stable")
+    untimed = len(cells[cells[STATUS] == "ok"]) - len(timed)
     return head + f"; {again} measured again in a new process" + (
-        f"; {len(cells[(cells[STATUS] == 'ok')]) - len(timed)} ok cell(s) without a verdict" if
-        len(cells[cells[STATUS] == "ok"]) > len(timed) else "")
+        f"; {untimed} ok cell(s) time nothing or predate the verdicts (no `{R.STABILITY}` tag)" if untimed else "")
 
 
 def _at(line: Line, metric: str, n: int) -> float | None:

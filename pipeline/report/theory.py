@@ -133,6 +133,65 @@ def fit_time(n, D, B, t_ms, causal: bool = True) -> TwoTermFit | Refusal:
 
 
 @dataclass(frozen=True)
+class FitIntervals:
+    """95 % intervals of a two-term fit's a and b (ms per unit) from a bootstrap: each draw
+    resamples the cells with replacement and moves every median within its own CI (log-normal),
+    then refits. `draws` fits succeeded of those tried."""
+
+    a: tuple[float, float]
+    b: tuple[float, float]
+    ratio: tuple[float, float]  # b / a, so n*(D) = ratio · D
+    draws: int
+    causal: bool
+
+    def score_gflops(self) -> tuple[float, float] | None:
+        per = SCORE_FLOPS_PER_UNIT / (2 if self.causal else 1)
+        return (per / (self.a[1] * 1e6), per / (self.a[0] * 1e6)) if self.a[0] > 0 else None
+
+    def proj_gflops(self) -> tuple[float, float] | None:
+        return (PROJ_FLOPS_PER_UNIT / (self.b[1] * 1e6), PROJ_FLOPS_PER_UNIT / (self.b[0] * 1e6)) if self.b[0] > 0 else None
+
+    def crossover_n(self, D: float) -> tuple[float, float] | None:
+        return (self.ratio[0] * D, self.ratio[1] * D) if np.all(np.isfinite(self.ratio)) else None
+
+
+BOOT_DRAWS = 300
+
+
+def fit_time_intervals(n, D, B, t_ms, lo=None, hi=None, causal: bool = True, draws: int = BOOT_DRAWS,
+                       seed: int = 0) -> FitIntervals | None:
+    """Bootstrap intervals of the two-term fit (FitIntervals); None with under 6 cells or when
+    fewer than half the draws give a fit."""
+    n, D, B, t = _arrays(n, D, B, t_ms)
+    if len(t) < 6:
+        return None
+    sigma = np.zeros_like(t)
+    if lo is not None and hi is not None:
+        lo_a, hi_a = _arrays(lo, hi)
+        ok = np.isfinite(lo_a) & np.isfinite(hi_a) & (lo_a > 0) & (hi_a >= lo_a)
+        sigma[ok] = np.log(hi_a[ok] / lo_a[ok]) / (2 * 1.959964)
+    rng = np.random.default_rng(seed)
+    a_s, b_s = [], []
+    for _ in range(draws):
+        idx = rng.integers(0, len(t), len(t))
+        tt = t[idx] * np.exp(rng.standard_normal(len(idx)) * sigma[idx])
+        got = fit_time(n[idx], D[idx], B[idx], tt, causal)
+        if not isinstance(got, Refusal):
+            a_s.append(got.a)
+            b_s.append(got.b)
+    if len(a_s) < draws / 2:
+        return None
+    a_s, b_s = np.array(a_s), np.array(b_s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(a_s > 0, b_s / a_s, np.inf)
+
+    def pct(x):
+        return float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))
+
+    return FitIntervals(pct(a_s), pct(b_s), pct(r), len(a_s), bool(causal))
+
+
+@dataclass(frozen=True)
 class MemoryFit:
     """m ≈ p·B·H·n² + q·B·n·D + r (MiB): p per score entry, q per element of an n×D activation."""
 
@@ -230,6 +289,7 @@ class Analysis:
     memory: MemoryFit | Refusal
     held: HeldOut | Refusal
     causal: bool
+    intervals: FitIntervals | None = None  # the time fit's a, b and n* CIs (bootstrap)
 
     @property
     def fit_cells(self) -> pd.DataFrame:
@@ -242,6 +302,9 @@ def analyse(group: Line) -> Analysis:
     hd = float(cells["hd"].value_counts().idxmax()) if len(cells) else 0.0
     f = cells[cells["hd"] == hd]
     t = f.dropna(subset=["fwd"])
-    return Analysis(group, cells, hd, fit_time(t["n"], t["D"], t["B"], t["fwd"], causal),
+    time_fit = fit_time(t["n"], t["D"], t["B"], t["fwd"], causal)
+    intervals = None if isinstance(time_fit, Refusal) else fit_time_intervals(
+        t["n"], t["D"], t["B"], t["fwd"], t.get("fwd_lo"), t.get("fwd_hi"), causal)
+    return Analysis(group, cells, hd, time_fit,
                     fit_memory(*(f.dropna(subset=["mem"])[c] for c in ("n", "D", "H", "B", "mem"))),
-                    held_out(t["n"], t["D"], t["B"], t["fwd"], causal), causal)
+                    held_out(t["n"], t["D"], t["B"], t["fwd"], causal), causal, intervals)

@@ -25,6 +25,7 @@ from pipeline.report.document import Doc
 from pipeline.report.figures import plot_pareto
 from pipeline.report.format import MISSING, fmt
 from pipeline.report.lines import (
+    FLAG,
     MODEL,
     MODEL_KNOBS,
     QUALITY_METRICS,
@@ -32,6 +33,7 @@ from pipeline.report.lines import (
     SEQ_LEN,
     STATUS,
     _exact_of,
+    flagged,
     label,
     panel_scenario,
     quality_metric,
@@ -94,7 +96,8 @@ def kernel_costs(cells: pd.DataFrame) -> pd.DataFrame:
     """Median cost of the ok kernel cells per (setting, n): fwd_ms, fwdbwd_ms, peak_mb and
     us_per_token (forward+backward time over the batch's tokens)."""
     k = cells[(cells[SCENARIO] == "kernel") & (cells[STATUS] == "ok")] if SCENARIO in cells else cells.iloc[0:0]
-    cols = ["key", "n"] + [c for c, _, _ in COSTS] + [f"{c}_halfwidth" for c, _, _ in COSTS] + ["us_per_token"]
+    cols = ["key", "n"] + [c for c, _, _ in COSTS] + [f"{c}_halfwidth" for c, _, _ in COSTS] + ["us_per_token",
+                                                                                               "cost_flagged"]
     if k.empty:
         return pd.DataFrame(columns=cols)
     knobs = knob_columns(cells)
@@ -105,6 +108,7 @@ def kernel_costs(cells: pd.DataFrame) -> pd.DataFrame:
             vals = pd.to_numeric(g.get(R.col(metric), pd.Series(dtype=float)), errors="coerce").dropna()
             row[col] = float(vals.median()) if len(vals) else np.nan
             row[f"{col}_halfwidth"] = _log_halfwidth(g, metric)
+        row["cost_flagged"] = bool(len(flagged(g)))
         batch = float(pd.to_numeric(g[BATCH], errors="coerce").median()) if BATCH in g else 1.0
         row["us_per_token"] = 1e3 * row["fwdbwd_ms"] / (max(batch, 1.0) * int(n))
         rows.append(row)
@@ -138,7 +142,7 @@ def settings_table(qgroups: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
     no such kernel cell ran ok)."""
     cols = ["task", "n", "scenario", "metric", "higher_is_better", "model", "label", "knob", "exact",
             "quality", "quality_std", "seeds", "baseline_metric", "baseline", "loss_fall"] \
-        + [c for c, _, _ in COSTS] + [f"{c}_halfwidth" for c, _, _ in COSTS] + ["us_per_token"]
+        + [c for c, _, _ in COSTS] + [f"{c}_halfwidth" for c, _, _ in COSTS] + ["us_per_token", "cost_flagged"]
     if qgroups.empty:
         return pd.DataFrame(columns=cols)
     costs = {(r["key"], r["n"]): r for _, r in kernel_costs(cells).iterrows()}
@@ -176,6 +180,7 @@ def settings_table(qgroups: pd.DataFrame, cells: pd.DataFrame) -> pd.DataFrame:
             hit = costs.get(key)
             for col in [c for c, _, _ in COSTS] + [f"{c}_halfwidth" for c, _, _ in COSTS] + ["us_per_token"]:
                 row[col] = float(hit[col]) if hit is not None else np.nan
+            row["cost_flagged"] = bool(hit["cost_flagged"]) if hit is not None else False
             rows.append(row)
     return pd.DataFrame(rows, columns=cols)
 
@@ -322,7 +327,8 @@ def section_tradeoff(doc: Doc, cells: pd.DataFrame, qgroups: pd.DataFrame, colou
           "(mean ± std over seeds), its difference from the best exact variant's, the baseline it must "
           "beat, and forward time, forward+backward time and forward peak memory as ratios to the "
           "cheapest exact variant at that n (below 1×: cheaper; in brackets the ratio's 95 % CI from "
-          "the two medians' CIs). For a trained task with no accuracy "
+          f"the two medians' CIs; {FLAG}: a kernel cell behind the time is not `stable`). For a trained "
+          "task with no accuracy "
           "floor (code_lm), how much the training loss still fell over the last quarter of the steps "
           "(mean of the third quarter minus the last, over the last): a setting well above 1 % was "
           "still learning when its budget ended.")
@@ -345,7 +351,8 @@ def section_tradeoff(doc: Doc, cells: pd.DataFrame, qgroups: pd.DataFrame, colou
                          _quality(r),
                          _signed(r["delta"]), fmt(r["baseline"])]
                         + ([_fall(r["loss_fall"])] if show_fall else [])
-                        + [_ratio(r[f"{c}_ratio"], r[f"{c}_ratio_lo"], r[f"{c}_ratio_hi"]) for c, _, _ in COSTS])
+                        + [_ratio(r[f"{c}_ratio"], r[f"{c}_ratio_lo"], r[f"{c}_ratio_hi"])
+                           + (FLAG if r["cost_flagged"] and c != "peak_mb" else "") for c, _, _ in COSTS])
         doc.table(["setting", "exact", metric, "Δ vs best exact", base.iloc[0] if len(base) else "baseline"]
                   + (["loss fall, last ¼ of steps"] if show_fall else [])
                   + [f"{h} / exact" for _, _, h in COSTS], rows)

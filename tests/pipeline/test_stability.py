@@ -223,3 +223,11 @@ def test_rounds_interleave_every_cell_in_a_new_shuffled_order_per_round():
     assert sorted(firsts) == [f"model=m{i}" for i in range(6)]
     assert firsts != [j[0] for j in out[13:]]  # a new order each round (seeded: fixed here)
     assert all(p["units"] == float(j[0][len("model=m"):]) for j, p in zip(out, out_plan) if "scenario=kernel" in j)
+
+
+def test_a_short_series_keeps_a_disturbed_minority_and_flags_a_disturbed_half():
+    five = Timing(ms=[5.0, 5.1, 5.05, 4.95, 9.0], wait=[0.0, 0.0, 0.0, 0.0, 0.7])
+    a = assess(five)
+    assert a.label != CONTAMINATED and a.excluded == 0 and a.median == 5.05
+    half = Timing(ms=[5.0, 5.1, 9.0, 9.5], wait=[0.0, 0.0, 0.7, 0.8])
+    assert assess(half).label == CONTAMINATED

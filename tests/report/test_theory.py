@@ -234,10 +234,11 @@ def test_answer_section_verdicts(report):
 def test_answer_section_numbers(report):
     _, sec = report
     fits = sec.split("### The two-term fit")[1].split("\n### ")[0]
-    assert "| xformers | 36 (d_k = 64) | 50 | 100 | 0.05 | 1.0000 |" in fits
+    # exact cells: the bootstrap intervals close on the fitted values
+    assert "| xformers | 36 (d_k = 64) | 50 [50, 50] | 100 [100, 100] | 0.05 | 1.0000 |" in fits
     assert "| performer | 2 (d_k = 64) | no fit: 2 cell(s) for 3 parameters: the fit needs at least 3 |" in fits
     cross = sec.split("### Where the two terms cross")[1].split("\n### ")[0]
-    assert "| vanilla | 256 | n* ≈ 512 |" in cross
+    assert "| vanilla | 256 | n* ≈ 512 [512, 512] |" in cross
     seeds = sec.split("### The two worked configurations")[1]
     assert "| vanilla | 512 | 768 | 2.0·10⁸ | 1.2·10⁹ | ok |" in seeds
     assert f"| vanilla | 8,192 | 1,024 | 6.9·10¹⁰ | 3.4·10¹⁰ | skipped: {SKIP_REASON} |" in seeds
@@ -312,3 +313,19 @@ def test_heads_claim_compares_exponents_with_their_cis():
     assert claim_heads(apart)[0] == FAILS
     wide = _analysis_from(_cells(0.5, heads=(1, 4), slope_per_h={4: 0.2}))
     assert claim_heads(wide)[0] == INCONCLUSIVE
+
+
+def test_two_term_intervals_cover_the_truth_and_widen_with_the_cells_cis():
+    from pipeline.report.theory import fit_time_intervals
+
+    rng = np.random.default_rng(11)
+    n, D = _grid()
+    t = _time(n, D) * np.exp(rng.normal(0, 0.03, len(n)))
+    narrow = fit_time_intervals(n, D, 1, t, t * 0.99, t * 1.01)
+    wide = fit_time_intervals(n, D, 1, t, t * 0.8, t * 1.2)
+    for iv in (narrow, wide):
+        assert iv.a[0] <= A <= iv.a[1] and iv.b[0] <= B_ <= iv.b[1]
+    assert wide.a[1] - wide.a[0] > narrow.a[1] - narrow.a[0]
+    lo, hi = narrow.crossover_n(256)
+    assert lo <= B_ / A * 256 <= hi
+    assert fit_time_intervals(n[:4], D[:4], 1, t[:4]) is None  # under 6 cells: no interval
