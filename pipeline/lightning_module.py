@@ -162,7 +162,8 @@ class StepTimer(pl.Callback):
     steps excluded from `step_ms`), tokens in the step, and the loss (every step)."""
 
     def __init__(self, device: torch.device | str, warmup_steps: int = 5):
-        from pipeline.measure import SchedWait, sync
+        from pipeline.evidence import SchedWait
+        from pipeline.measure import sync
 
         self._sync, self.device, self.warmup_steps = sync, torch.device(device), warmup_steps
         self._sched = SchedWait()
@@ -194,7 +195,8 @@ class InferTimer(pl.Callback):
     """Per predict batch: wall time, device synchronised, the first `warmup` batches excluded."""
 
     def __init__(self, device: torch.device | str, warmup: int = 2):
-        from pipeline.measure import SchedWait, sync
+        from pipeline.evidence import SchedWait
+        from pipeline.measure import sync
 
         self._sync, self.device, self.warmup = sync, torch.device(device), warmup
         self._sched = SchedWait()

@@ -33,7 +33,7 @@ The rules, and why (docs/measurement.md says the same for users):
   = 25 %: a tight CI over a series that wide is the sign of two modes (a kernel that runs
   fast or slow by the turn of its threads), between which the median of another run can jump.
   Measured here on a quiet machine, sub-millisecond kernels have a robust spread of 10-23 %
-  with a CI of ±1 %: pyperf's 10 % would flag every toy cell for what is the call's own
+  with a CI of ±2-4 %: pyperf's 10 % would flag every toy cell for what is the call's own
   variation. Also unstable: a step (the two halves of the series, in time order, have disjoint
   CIs and medians more than `STEP_MIN` apart: the machine changed during the measurement).
   pyperf's "min/max 50 % from the mean" rule is not used: a median is not moved by one slow

@@ -68,3 +68,7 @@ def fmt_value(v: Any) -> str:
         return str(int(v))
     return str(v)
 
+
+def run_ref(r) -> str:
+    """A cell's run as the tables name it: `vanilla-n512-kernel `1a2b3c4d``."""
+    return f"{r['run_name']} `{r['run_id'][:8]}`"

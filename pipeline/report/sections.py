@@ -15,7 +15,7 @@ from pipeline import record as R
 from pipeline.report.analysis import FIT_POINTS, crossover, ratio_at_largest, seed_figures
 from pipeline.report.document import Doc
 from pipeline.report.figures import plot_checkpointing, plot_flops, plot_pareto, plot_scaling
-from pipeline.report.format import fmt, fmt_lengths, fmt_n, mean_std, sci
+from pipeline.report.format import fmt, fmt_lengths, fmt_n, mean_std, run_ref, sci
 from pipeline.report.lines import (
     FLAG,
     MEMORY_COSTS,
@@ -28,11 +28,11 @@ from pipeline.report.lines import (
     TIME_COSTS,
     Line,
     checkpointing_effect,
-    flagged,
     memory_budget_mb,
     pareto_panels,
 )
 from pipeline.report.load import RunTable, redact_uri
+from pipeline.report.trust import flagged_table, rounds_table, trust_line
 
 PROVENANCE_TAGS = (R.DEVICE, R.DEVICE_NAME, R.NUM_THREADS, R.TORCH_VERSION, R.XFORMERS_VERSION,
                    R.GIT_SHA, R.HOST, R.MEMORY_METHOD, R.ALLOCATOR, R.FP32_MATMUL)
@@ -54,24 +54,6 @@ def section_header(doc: Doc, title: str, table: RunTable) -> None:
         first, last = cells["start_time"].min(), cells["start_time"].max()
         facts.append(f"runs started {first:%Y-%m-%d %H:%M} … {last:%Y-%m-%d %H:%M}")
     doc.bullets([trust_line(cells)] + facts + table.notes)
-
-
-def trust_line(cells: pd.DataFrame) -> str:
-    """The report's first line: how many timed cells are not `stable`, and how many were measured again."""
-    col = R.col(R.STABILITY)
-    timed = cells[(cells[STATUS] == "ok") & cells[col].notna()] if col in cells else cells.iloc[0:0]
-    if timed.empty:
-        return "**timings:** no cell carries a stability verdict (recorded before it existed, or nothing timed)"
-    bad = flagged(timed)
-    counts = bad[col].value_counts()
-    attempts = pd.to_numeric(timed.get(R.col(R.CELL_ATTEMPTS), pd.Series(dtype=float)), errors="coerce")
-    again = int((attempts > 1).sum())
-    head = (f"**timings: {len(bad)} of {len(timed)} timed cells flagged** ("
-            + ", ".join(f"{v} {k}" for k, v in counts.items()) + f"; marked {FLAG} below, listed in section 6)"
-            if len(bad) else f"**timings:** all {len(timed)} timed cells stable")
-    untimed = len(cells[cells[STATUS] == "ok"]) - len(timed)
-    return head + f"; {again} measured again in a new process" + (
-        f"; {untimed} ok cell(s) time nothing or predate the verdicts (no `{R.STABILITY}` tag)" if untimed else "")
 
 
 def _at(line: Line, metric: str, n: int) -> float | None:
@@ -132,37 +114,8 @@ def section_headline(doc: Doc, lines: list[Line], qgroups: pd.DataFrame) -> None
             row += [_headline_quality(qgroups, ln.model, t) for t in tasks]
             rows.append(row)
         doc.table(headers, rows)
-        _rounds_table(doc, lines)
+        rounds_table(doc, lines)
     _quality_table(doc, qgroups)
-
-
-def _rounds_table(doc: Doc, lines: list[Line]) -> None:
-    """Where kernel cells ran in several rounds (`rounds` > 1): each line and length's rounds,
-    their median (the figure the tables use), their spread, and the spread inside one run."""
-    col = R.col(R.ROUND, "param")
-    rows = []
-    for ln in lines:
-        ok = ln.ok()
-        if col not in ok or ok[col].notna().sum() == 0:
-            continue
-        fwd = R.col(R.KERNEL_FWD_MS)
-        lo, hi = (R.col(c) for c in R.ci_names(R.KERNEL_FWD_MS))
-        for n, g in ok.groupby(SEQ_LEN):
-            v = pd.to_numeric(g[fwd], errors="coerce").dropna()
-            if len(v) < 2:
-                continue
-            med = float(v.median())
-            within = ((pd.to_numeric(g[hi], errors="coerce") - pd.to_numeric(g[lo], errors="coerce")) / 2
-                      / pd.to_numeric(g[fwd], errors="coerce")).median() if lo in g and hi in g else np.nan
-            rows.append([ln.label, fmt_n(n), str(len(v)), fmt(med), f"{fmt(v.min())}–{fmt(v.max())}",
-                         f"{(v.max() - v.min()) / med:.1%}", f"±{within:.1%}" if np.isfinite(within) else "—"])
-    if rows:
-        doc.h(3, "Rounds: run-to-run spread")
-        doc.p("Kernel cells measured in several rounds, each in its own process, the rounds interleaved "
-              "across the sweep in shuffled order. The tables and fits use the median of the rounds; the "
-              "spread across rounds is the run-to-run variance that a CI from one run does not carry.")
-        doc.table(["line", "n", "rounds", "fwd ms (median of rounds)", "range", "range / median",
-                   "CI half-width inside one run (median)"], rows)
 
 
 def _headline_quality(qgroups: pd.DataFrame, model: str, task: str) -> str:
@@ -395,10 +348,6 @@ def section_memory_wall(doc: Doc, lines: list[Line], budget_gb: float | None) ->
     doc.table(["line", "budget", "forward", "forward + backward"], rows)
 
 
-def _run_ref(r) -> str:
-    return f"{r['run_name']} `{r['run_id'][:8]}`"
-
-
 def section_failures(doc: Doc, cells: pd.DataFrame) -> None:
     doc.h(2, "6. Cells that did not finish ok, or whose timings are not stable")
     bad = cells[cells[STATUS] != "ok"]
@@ -408,33 +357,16 @@ def section_failures(doc: Doc, cells: pd.DataFrame) -> None:
     else:
         doc.table(["variant", "scenario", "task", "n", "status", "reason", "run"],
                   [[r.get(MODEL), r.get(SCENARIO), r.get(R.col(R.TASK)), fmt_n(r.get(SEQ_LEN)), r[STATUS],
-                    r.get(reason) if isinstance(r.get(reason), str) else "—", _run_ref(r)]
+                    r.get(reason) if isinstance(r.get(reason), str) else "—", run_ref(r)]
                    for _, r in bad.iterrows()])
-    _flagged_table(doc, cells)
+    flagged_table(doc, cells)
     col = R.col(R.FWDBWD_SKIPPED)
     part = cells[(cells[STATUS] == "ok") & cells[col].notna()] if col in cells else cells.iloc[0:0]
     if not part.empty:
         doc.p("Kernel cells that finished ok without a forward + backward figure (their forward stands):")
         doc.table(["variant", "n", "dtype", "why", "run"],
-                  [[r.get(MODEL), fmt_n(r.get(SEQ_LEN)), r.get(R.col(R.DTYPE, "param"), "—"), r[col], _run_ref(r)]
+                  [[r.get(MODEL), fmt_n(r.get(SEQ_LEN)), r.get(R.col(R.DTYPE, "param"), "—"), r[col], run_ref(r)]
                    for _, r in part.iterrows()])
-
-
-def _flagged_table(doc: Doc, cells: pd.DataFrame) -> None:
-    """Cells that finished ok but whose timings are not `stable`, with the evidence."""
-    bad = flagged(cells[cells[STATUS] == "ok"])
-    if bad.empty:
-        return
-    doc.p(f"Cells that finished ok but whose timings are not `stable` ({FLAG} in the tables; the "
-          "evidence is the OS's: calls that waited for a CPU, other processes' CPU use, the spread; "
-          "docs/measurement.md gives the rules). Their figures stand in the tables, marked, where no "
-          "stable measurement of the same cell exists:")
-    attempts = R.col(R.CELL_ATTEMPTS)
-    doc.table(["variant", "scenario", "n", "stability", "attempts", "evidence", "run"],
-              [[r.get(MODEL), r.get(SCENARIO), fmt_n(r.get(SEQ_LEN)), r[R.col(R.STABILITY)],
-                fmt_n(r.get(attempts)) if pd.notna(r.get(attempts)) else "1",
-                str(r.get(R.col(R.STABILITY_REASON)) or "—")[:400], _run_ref(r)]
-               for _, r in bad.iterrows()])
 
 
 def section_provenance(doc: Doc, cells: pd.DataFrame) -> None:

@@ -25,7 +25,8 @@ import time
 import torch
 
 from pipeline import record as R
-from pipeline.measure import MachineWatch, PeakMemory, loop_timing, loss_fall_last_quarter
+from pipeline.evidence import MachineWatch, loop_timing
+from pipeline.measure import PeakMemory, loss_fall_last_quarter
 from pipeline.scenarios.base import CellResult, Plan, register
 from pipeline.schema import FullScenario, InferScenario, TrainScenario, Workload
 
