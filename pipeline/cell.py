@@ -121,7 +121,7 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
         msg = f"[attnbench] {name}: {result.status}"
         if result.failure_reason:
             msg += f" ({result.failure_reason})"
-        if result.tags.get(R.STABILITY, "stable") != "stable":
+        if result.tags.get(R.STABILITY, R.STABLE) != R.STABLE:
             msg += f"; timings {result.tags[R.STABILITY]}: {result.tags.get(R.STABILITY_REASON, '')}"
         say(msg)
     return result.status

@@ -77,7 +77,7 @@ def exponent(rows: list[dict]):
     ok = [r for r in rows if r["status"] == "ok" and r["fwd_ms"]]
     fit = fit_power_law([r["n"] for r in ok], [r["fwd_ms"] for r in ok],
                         lo=[r["ci"][0] for r in ok], hi=[r["ci"][1] for r in ok])
-    return fit, all(r["stability"] == "stable" for r in ok if fit and r["n"] in fit.lengths)
+    return fit, all(r["stability"] == R.STABLE for r in ok if fit and r["n"] in fit.lengths)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{cond:<13} {r['model']:<9} {r['n']:>5} {r['fwd_ms'] or float('nan'):>9.3f} {ci:>19} "
                   f"{ratio or float('nan'):>8.2f} {r['stability'] or r['status']:<13} {r['attempts'] or 0:>3.0f} "
                   f"{r['left_out'] or 0:>8.0f}  {r['reason'][:90]}")
-            if cond != "quiet" and ratio and ratio > SLOWER and r["stability"] == "stable":
+            if cond != "quiet" and ratio and ratio > SLOWER and r["stability"] == R.STABLE:
                 failures.append(f"{cond} {r['model']} n={r['n']}: {ratio:.2f}x its quiet twin but stable")
-    flagged_quiet = [r for r in results["quiet"] if r["stability"] != "stable"]
+    flagged_quiet = [r for r in results["quiet"] if r["stability"] != R.STABLE]
     if len(flagged_quiet) > QUIET_FLAGS:
         failures.append(f"the quiet condition flagged {len(flagged_quiet)} cells (at most {QUIET_FLAGS})")
 

@@ -127,7 +127,7 @@ class Progress:
             parts.append(figure)
         if reason and status != "ok":
             parts.append(f"({reason[:120]})")
-        if stability and stability != "stable":
+        if stability and stability != R.STABLE:
             attempts = metrics.get(R.CELL_ATTEMPTS)
             parts.append(stability.upper() + (f" after {attempts:.0f} attempts" if attempts and attempts > 1 else ""))
         parts.append(f"cell {wall_s:.1f} s")

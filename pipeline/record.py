@@ -206,7 +206,8 @@ ISOLATION = _tag("isolation", "how the cell's process was started: fork (warm se
 # (pipeline/stability.py owns the rules; docs/measurement.md explains them)
 STABILITY = _tag("stability", "stable, unstable or contaminated: whether the cell's timings can be trusted")
 STABILITY_REASON = _tag("stability_reason", "the evidence behind a stability other than stable, per timed figure")
-STABILITIES = ("stable", "unstable", "contaminated")
+STABILITIES = ("stable", "unstable", "contaminated")  # best first
+STABLE = STABILITIES[0]
 CELL_ATTEMPTS = _metric("cell/attempts", "count", "times the cell was measured (again, in a new process, while not stable)")
 CELL_ATTEMPT = _metric("cell/attempt", "index", "which attempt the recorded figures come from (1 = the first)")
 CELL_OTHERS_CORES = _metric("cell/others_cores", "cores", "the most CPU other processes used over one of the cell's timed loops")

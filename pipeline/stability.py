@@ -53,6 +53,8 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from pipeline import record as R
+
 CONFIDENCE = 0.95
 WAIT_FRAC = 0.05      # a call whose threads waited on the run queue over 5 % of its wall time
 MIN_CLEAN = 6         # clean samples needed to leave contaminated ones out (a 95 % CI needs 6) ...
@@ -65,7 +67,7 @@ STEP_MIN = 0.10       # the halves' medians apart by more than this (and disjoin
 DISTURBED_SHARE = 0.10  # an unstable figure with more calls than this left out was disturbed
 STEP_MIN_SAMPLES = 12  # the step test needs this many samples (6 per half: a 95 % CI each)
 
-STABLE, UNSTABLE, CONTAMINATED = "stable", "unstable", "contaminated"
+STABLE, UNSTABLE, CONTAMINATED = R.STABILITIES  # the record owns the names
 _RANK = {STABLE: 0, UNSTABLE: 1, CONTAMINATED: 2}
 
 
@@ -254,7 +256,7 @@ def combine(figures: Iterable[tuple[str, Assessment | dict]]) -> tuple[str, str]
     return label, "; ".join(reasons)
 
 
-def disturbed(a: Assessment | dict, timing_evidence: dict | None = None) -> bool:
+def disturbed(a: Assessment | dict) -> bool:
     """Whether a figure that is not stable shows a sign of another process: contaminated, or
     unstable with a step, with calls left out as disturbed, or beside other processes' work."""
     label = a["label"] if isinstance(a, dict) else a.label
@@ -267,8 +269,3 @@ def disturbed(a: Assessment | dict, timing_evidence: dict | None = None) -> bool
     calls = (a.get("calls") if isinstance(a, dict) else a.used + a.excluded) or 0
     others = (a.get("others_cores") if isinstance(a, dict) else None) or 0.0
     return "step" in reason or left_out > DISTURBED_SHARE * calls or others >= OTHERS_CORES
-
-
-def worse(a: str, b: str) -> bool:
-    """Whether label a is worse than label b."""
-    return _RANK.get(a, 3) > _RANK.get(b, 3)

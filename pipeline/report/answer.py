@@ -30,6 +30,7 @@ from pipeline.report.theory import (
     analyse,
     theory_groups,
 )
+from pipeline.report.verdicts import FAILS, HOLDS, combine_verdicts, interval_verdict
 
 MIB = 2**20
 # the thresholds of the verdicts
@@ -41,7 +42,6 @@ HEAD_EXP_TOL = 0.25    # heads keep the complexity: exponents in n across H with
 P_ZERO = 0.05          # p ≈ 0: the n² term under 5 % of the fitted peak at the largest n
 MIN_CELLS = 6          # a verdict on the fit needs twice as many cells as its 3 parameters
 SEEDS = ((512, 768), (8192, 1024))  # the two worked configurations (conf/experiment/seed_*.yaml)
-HOLDS, FAILS, INCONCLUSIVE = "holds", "does not hold here", "inconclusive"
 GROWTH_TOL = 0.15      # the exponent in n over the largest lengths within this of the claim's order
 MAX_PANELS = 6
 
@@ -126,23 +126,6 @@ def claim_work_factor(an: Analysis) -> tuple[str, str]:
         why = "no width with both n and 16n timed and the mixing separable at both"
         return f"not measured: {why}", "; ".join(texts)
     return (HOLDS if all(verdicts) else FAILS), "; ".join(texts)
-
-
-def interval_verdict(lo: float, hi: float, low: float, high: float) -> str:
-    """A measured interval [lo, hi] against the criterion [low, high]: holds when it lies inside,
-    does not hold when it lies wholly outside, inconclusive when it straddles a bound."""
-    if lo >= low and hi <= high:
-        return HOLDS
-    if hi < low or lo > high:
-        return FAILS
-    return INCONCLUSIVE
-
-
-def combine_verdicts(verdicts: list[str]) -> str:
-    """Every part must hold; one that does not fails the claim; otherwise it is inconclusive."""
-    if FAILS in verdicts:
-        return FAILS
-    return HOLDS if all(v == HOLDS for v in verdicts) else INCONCLUSIVE
 
 
 def _fit_with_ci(g: pd.DataFrame):

@@ -152,7 +152,7 @@ def flagged(cells: pd.DataFrame) -> pd.DataFrame:
     if col not in cells:
         return cells.iloc[0:0]
     s = cells[col]
-    return cells[s.notna() & (s != "stable")]
+    return cells[s.notna() & (s != R.STABLE)]
 
 
 FLAG = "†"  # marks a figure behind which a cell is not `stable`

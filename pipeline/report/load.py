@@ -89,7 +89,7 @@ def latest_per_config(frame: pd.DataFrame) -> pd.DataFrame:
     keep = [frame[~has]]
     for _, g in frame[has].groupby(hash_col, sort=False):
         ok = g[g[status] == "ok"] if status in g else g.iloc[0:0]
-        stable = ok[ok[stab] == "stable"] if stab in ok else ok.iloc[0:0]
+        stable = ok[ok[stab] == R.STABLE] if stab in ok else ok.iloc[0:0]
         pool = stable if len(stable) else ok if len(ok) else g
         keep.append(pool.sort_values("start_time").tail(1))
     return pd.concat(keep).sort_index()
