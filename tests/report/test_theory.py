@@ -263,7 +263,7 @@ def test_no_section_at_one_width(store, tmp_path):
 
 # ----------------------------------------------------------------------------- verdicts with CIs
 def test_interval_verdicts_have_three_outcomes():
-    from pipeline.report.answer import FAILS, INCONCLUSIVE, combine_verdicts, interval_verdict
+    from pipeline.report.verdicts import FAILS, INCONCLUSIVE, combine_verdicts, interval_verdict
 
     assert interval_verdict(1.9, 2.0, 1.85, 2.15) == HOLDS
     assert interval_verdict(1.2, 1.4, 1.85, 2.15) == FAILS
@@ -294,7 +294,8 @@ def _cells(rel_ci: float, heads=(1,), slope_per_h=None):
 
 
 def test_growth_claim_on_exponents_with_cis():
-    from pipeline.report.answer import INCONCLUSIVE, claim_growth
+    from pipeline.report.answer import claim_growth
+    from pipeline.report.verdicts import INCONCLUSIVE
 
     verdict, text = claim_growth(_analysis_from(_cells(0.01)))
     assert verdict == HOLDS and "exponent 1." in text and "[" in text  # the CI is shown
@@ -304,7 +305,8 @@ def test_growth_claim_on_exponents_with_cis():
 
 
 def test_heads_claim_compares_exponents_with_their_cis():
-    from pipeline.report.answer import FAILS, INCONCLUSIVE, claim_heads
+    from pipeline.report.answer import claim_heads
+    from pipeline.report.verdicts import FAILS, INCONCLUSIVE
 
     same = _analysis_from(_cells(0.01, heads=(1, 4)))
     verdict, text = claim_heads(same)
