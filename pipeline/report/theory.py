@@ -267,14 +267,22 @@ _METRICS = {"fwd": R.KERNEL_FWD_MS, "proj": R.KERNEL_PROJ_MS, "mix": R.KERNEL_MI
 
 def cell_medians(group: Line) -> pd.DataFrame:
     """One row per (n, D, H, B) of the ok cells: the median of each metric (NaN: not logged),
-    and the forward median's 95 % CI (`fwd_lo`, `fwd_hi`)."""
+    and the forward median's 95 % CI (`fwd_lo`, `fwd_hi`); over a cell's rounds, the span of
+    their CIs."""
     ok = group.ok()
     frame = pd.DataFrame({"n": ok[SEQ_LEN], "D": ok[D_COL], "H": ok[H_COL], "B": ok[B_COL]}).astype(float)
     for short, metric in _METRICS.items():
         frame[short] = pd.to_numeric(ok[R.col(metric)], errors="coerce") if R.col(metric) in ok else np.nan
     for end, name in zip(("fwd_lo", "fwd_hi"), R.ci_names(R.KERNEL_FWD_MS)):  # the medians' 95 % CIs
         frame[end] = pd.to_numeric(ok[R.col(name)], errors="coerce") if R.col(name) in ok else np.nan
-    med = frame.groupby(["n", "D", "H", "B"], as_index=False).median()
+    keys = ["n", "D", "H", "B"]
+    med = frame.groupby(keys, as_index=False).median()
+    # a cell measured more than once (rounds, seeds): its interval spans every run's CI and median,
+    # so that the run-to-run spread, which one run's CI does not carry, reaches the fits
+    spans = frame.assign(fwd_lo=frame[["fwd_lo", "fwd"]].min(axis=1, skipna=False),
+                         fwd_hi=frame[["fwd_hi", "fwd"]].max(axis=1, skipna=False)
+                         ).groupby(keys, as_index=False).agg(fwd_lo=("fwd_lo", "min"), fwd_hi=("fwd_hi", "max"))
+    med = med.drop(columns=["fwd_lo", "fwd_hi"]).merge(spans, on=keys)
     return med.assign(hd=med["D"] / med["H"]).sort_values(["D", "H", "n"]).reset_index(drop=True)
 
 

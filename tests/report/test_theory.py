@@ -331,3 +331,19 @@ def test_two_term_intervals_cover_the_truth_and_widen_with_the_cells_cis():
     lo, hi = narrow.crossover_n(256)
     assert lo <= B_ / A * 256 <= hi
     assert fit_time_intervals(n[:4], D[:4], 1, t[:4]) is None  # under 6 cells: no interval
+
+
+def test_cell_medians_span_the_rounds_of_a_cell():
+    """Two rounds of one cell: the figure is their median and the interval spans both rounds'
+    CIs (the run-to-run spread reaches the fits); a cell run once keeps its own CI."""
+    from pipeline.report.lines import SEQ_LEN, STATUS, Line
+    from pipeline.report.theory import B_COL, D_COL, H_COL, cell_medians
+
+    lo, hi = (R.col(m) for m in R.ci_names(R.KERNEL_FWD_MS))
+    rows = pd.DataFrame({SEQ_LEN: [1024, 1024, 2048], D_COL: 64, H_COL: 1, B_COL: 1, STATUS: "ok",
+                         R.col(R.KERNEL_FWD_MS): [10.0, 11.0, 40.0], lo: [9.9, 10.8, 39.0],
+                         hi: [10.1, 11.3, 41.0]})
+    got = cell_medians(Line("vanilla", {}, rows, True)).set_index("n")
+    assert got.loc[1024, "fwd"] == pytest.approx(10.5)
+    assert (got.loc[1024, "fwd_lo"], got.loc[1024, "fwd_hi"]) == (9.9, 11.3)
+    assert (got.loc[2048, "fwd_lo"], got.loc[2048, "fwd_hi"]) == (39.0, 41.0)
