@@ -65,6 +65,15 @@ repeatability: install ## the same kernel cells twice in a row: how far apart th
 noise-check: install ## the stability flags against a CPU hog this starts itself: a small kernel grid quiet, beside a continuous and an intermittent hog (on a quiet machine; 11 min on 2 cores)
 	$(BIN)/python -m pipeline.noise_check $(ARGS)
 
+.PHONY: compare compare-commits
+compare: install ## compare two sweeps cell by cell: make compare BASE=<experiment or sweep id> NEW=<...> (ARGS=--ignore trainer, --threshold 0.05, --new-uri ...); exit 1 on a regression
+	@[ -n "$(BASE)" ] && [ -n "$(NEW)" ] || { echo "make compare: give BASE=<experiment or sweep id> NEW=<...>" >&2; exit 2; }
+	$(BIN)/python -m pipeline.compare --base $(BASE) --new $(NEW) $(ARGS)
+
+compare-commits: install ## a grid at git ref BASE (a worktree) and at the working tree, interleaved cell by cell, then compared: make compare-commits BASE=HEAD~1 [GRID=compare] [ARGS=--rounds 2]
+	@[ -n "$(BASE)" ] || { echo "make compare-commits: give BASE=<git ref>" >&2; exit 2; }
+	$(BIN)/python -m pipeline.compare.commits --base $(BASE) --grid $(if $(filter command line environment,$(origin GRID)),$(GRID),compare) $(ARGS)
+
 overhead: install ## the harness's per-cell overhead, spawn vs fork, and the pipeline's figures against a bare loop
 	$(BIN)/python -m pipeline.overhead $(ARGS)
 

@@ -92,12 +92,24 @@ def _start_spawned(d, cell_file: Path, result_file: Path):
 _SERVER_ENV_KEYS = ("PYTHONPATH", "PYTHONUNBUFFERED", *ALLOCATOR_ENV)
 
 
-def _fork_context():
+_SERVER_ROUND: list = []  # the round of the last cell that had one (rounds > 1)
+
+
+def _fork_context(round_=None):
     """multiprocessing's forkserver context, its server started (once per process) with the
-    cells' environment: the allocator setup must be there when glibc and torch initialise."""
+    cells' environment: the allocator setup must be there when glibc and torch initialise.
+
+    A new round gets a new server: forks share their server's address-space layout, and the
+    heap's layout decides how many freed n×n buffers glibc reuses (peak memory on a CPU moved by
+    a whole score tensor between sweeps, never between forks of one server) and moves some
+    timings; rounds of separate servers carry that variance, as separate sweeps do."""
     import multiprocessing as mp
     from multiprocessing import forkserver
 
+    if round_ is not None:  # cells outside rounds (round None) use whichever server runs
+        if _SERVER_ROUND and _SERVER_ROUND[0] != round_:
+            forkserver._forkserver._stop()  # the next ensure_running starts a fresh one
+        _SERVER_ROUND[:] = [round_]
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["pipeline.preload"])
     env = _child_env({})
@@ -115,7 +127,7 @@ def _fork_context():
 
 
 def _start_forked(d, cell_file: Path, result_file: Path):
-    proc = _fork_context().Process(target=_forked_cell, args=(str(cell_file), str(result_file)), daemon=False)
+    proc = _fork_context(d.get("round")).Process(target=_forked_cell, args=(str(cell_file), str(result_file)), daemon=False)
     proc.start()
 
     def wait(timeout: float) -> int:

@@ -19,7 +19,7 @@ from pipeline.report.analysis import FIT_POINTS, crossover, fit_power_law, truth
 from pipeline.report.document import Doc
 from pipeline.report.figures import plot_two_term
 from pipeline.report.format import MISSING, fmt, sci
-from pipeline.report.lines import SEQ_LEN, STATUS
+from pipeline.report.lines import FLAG, SEQ_LEN, STATUS
 from pipeline.report.theory import (
     BOOT_DRAWS,
     D_COL,
@@ -44,6 +44,11 @@ MIN_CELLS = 6          # a verdict on the fit needs twice as many cells as its 3
 SEEDS = ((512, 768), (8192, 1024))  # the two worked configurations (conf/experiment/seed_*.yaml)
 GROWTH_TOL = 0.15      # the exponent in n over the largest lengths within this of the claim's order
 MAX_PANELS = 6
+
+
+def _flags(f: pd.DataFrame) -> np.ndarray:
+    """Which of these cells have a run whose timings are not `stable`."""
+    return f["flagged"].fillna(False).to_numpy(bool) if "flagged" in f else np.zeros(len(f), bool)
 
 
 def _or_reason(fit, text) -> str:
@@ -78,31 +83,60 @@ def claim_fit(an: Analysis) -> tuple[str, str]:
     if ft.cells < MIN_CELLS:
         return f"not measured: {ft.cells} cells, a verdict needs {MIN_CELLS}", f"R² = {ft.r2:.4f}"
     held = _or_reason(an.held, lambda h: f"n = {h.n:,} held out and predicted within {_pct(h.worst)}")
-    ok = ft.r2 >= R2_MIN and ft.worst <= RESIDUAL_MAX
-    return (HOLDS if ok else FAILS), (f"R² = {ft.r2:.4f}, worst residual {_pct(ft.worst)} over "
-                                      f"{ft.cells} cells; {held}")
+    # each cell's residual over its median's CI: a cell misses only if its whole interval does
+    verdicts = [HOLDS if ft.r2 >= R2_MIN else FAILS]
+    t = an.fit_cells.dropna(subset=["fwd"])
+    for _, r in t.iterrows():
+        pred = float(ft.predict(r["n"], r["D"], r["B"]))
+        lo, hi = _ends(r, "fwd")
+        res = (pred / hi - 1, pred / lo - 1) if np.isfinite(lo) else (pred / r["fwd"] - 1,) * 2
+        verdicts.append(interval_verdict(res[0], res[1], -RESIDUAL_MAX, RESIDUAL_MAX))
+    misses = sum(v == FAILS for v in verdicts[1:])
+    return combine_verdicts(verdicts), (f"R² = {ft.r2:.4f}, worst residual {_pct(ft.worst)} over {ft.cells} cells"
+                                        + (f" ({misses} beyond {RESIDUAL_MAX:.0%} over their CIs)" if misses else "")
+                                        + f"; {held}")
+
+
+def _ends(r, col: str) -> tuple[float, float]:
+    """A cell's 95 % interval of a timed median (NaN, NaN where it has none)."""
+    lo, hi = r.get(f"{col}_lo", np.nan), r.get(f"{col}_hi", np.nan)
+    ok = np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi
+    return (float(lo), float(hi)) if ok else (np.nan, np.nan)
+
+
+def _mix_interval(r) -> tuple[float, float]:
+    """The mixing's interval, forward minus projections, from both medians' CIs."""
+    (flo, fhi), (plo, phi) = _ends(r, "fwd"), _ends(r, "proj")
+    return flo - phi, fhi - plo
 
 
 def claim_share(an: Analysis, ratio: float, part: str, where: str) -> tuple[str, str]:
-    """The measured share of `part` (mix or proj) of the forward at n = ratio·D (`where`), at every D."""
-    f, found, texts = an.fit_cells, [], []
+    """The measured share of `part` (mix or proj) of the forward at n = ratio·D (`where`), at every
+    D, with its interval from the forward's and the projections' CIs, against DOMINANT."""
+    f, verdicts, texts = an.fit_cells, [], []
     for D in sorted(f["D"].unique()):
         r = _cell(f, ratio * D, D)
         if r is None or not (np.isfinite(r["fwd"]) and np.isfinite(r["proj"])):
             continue
+        (flo, fhi), (plo, phi) = _ends(r, "fwd"), _ends(r, "proj")
         if part == "mix" and not np.isfinite(r["mix"]):
-            share, txt = 0.0, "under 5 %"  # kernel/mix_ms is logged only above 5 % of the forward
+            share, lo, hi, txt = 0.0, 0.0, 0.05, "under 5 %"  # kernel/mix_ms is logged only above 5 % of the forward
         else:
             share = r[part] / r["fwd"]
-            txt = _pct(share)
-        found.append(share)
+            lo, hi = (1 - phi / flo, 1 - plo / fhi) if part == "mix" else (plo / fhi, phi / flo)
+            txt = _pct(share) + (f" [{_pct(lo)}, {_pct(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else "")
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            lo = hi = share
+        verdicts.append(interval_verdict(lo, hi, DOMINANT, np.inf))
         texts.append(f"D = {D:,.0f}, n = {ratio * D:,.0f}: {txt}")
-    if not found:
+    if not verdicts:
         return f"not measured: no cell at {where} with its projections timed", ""
-    return (HOLDS if min(found) > DOMINANT else FAILS), "; ".join(texts)
+    return combine_verdicts(verdicts), "; ".join(texts)
 
 
 def claim_work_factor(an: Analysis) -> tuple[str, str]:
+    """The mixing's time from n to 16n against the 256× of its work, within WORK_FACTOR_TOL, with
+    the ratio's interval from the cells' CIs."""
     f, verdicts, texts = an.fit_cells, [], []
     s = SCORE_FLOPS_PER_UNIT / (2 if an.causal else 1)
     for D in sorted(f["D"].unique()):
@@ -116,8 +150,12 @@ def claim_work_factor(an: Analysis) -> tuple[str, str]:
             s * n * n * D + PROJ_FLOPS_PER_UNIT * n * D * D)
         if np.isfinite(lo["mix"]) and np.isfinite(hi["mix"]):
             mix = hi["mix"] / lo["mix"]
-            verdicts.append(abs(np.log(mix / 256)) <= np.log(WORK_FACTOR_TOL))
-            mix_txt = f"mixing {_ratio(mix)}"
+            (a_lo, a_hi), (b_lo, b_hi) = _mix_interval(lo), _mix_interval(hi)
+            r_lo, r_hi = (b_lo / a_hi, b_hi / a_lo) if a_lo > 0 and b_lo > 0 else (mix, mix)
+            if not (np.isfinite(r_lo) and np.isfinite(r_hi)):
+                r_lo = r_hi = mix
+            verdicts.append(interval_verdict(r_lo, r_hi, 256 / WORK_FACTOR_TOL, 256 * WORK_FACTOR_TOL))
+            mix_txt = f"mixing {_ratio(mix)}" + (f" [{_ratio(r_lo)}, {_ratio(r_hi)}]" if r_lo != r_hi else "")
         else:
             mix_txt = "mixing under 5 % of the forward at n"
         texts.append(f"D = {D:,.0f}, n {n:,.0f} → {16 * n:,.0f}: {mix_txt}, whole layer "
@@ -125,7 +163,7 @@ def claim_work_factor(an: Analysis) -> tuple[str, str]:
     if not verdicts:
         why = "no width with both n and 16n timed and the mixing separable at both"
         return f"not measured: {why}", "; ".join(texts)
-    return (HOLDS if all(verdicts) else FAILS), "; ".join(texts)
+    return combine_verdicts(verdicts), "; ".join(texts)
 
 
 def _fit_with_ci(g: pd.DataFrame):
@@ -239,8 +277,9 @@ def seed_rows(an: Analysis) -> list[dict]:
         if r is None and len(why) and str(why.iloc[0]):
             status += f": {why.iloc[0]}"
         pred = None if isinstance(an.time, Refusal) else float(an.time.predict(n, D))
-        rows.append({"n": n, "D": D, "status": status, "pred": pred,
-                     "fwd": None if r is None else r["fwd"], "mem": None if r is None else r["mem"]})
+        rows.append({"n": n, "D": D, "status": status, "pred": pred, "flagged": r is not None and bool(r.get("flagged")),
+                     "fwd": None if r is None else r["fwd"], "mem": None if r is None else r["mem"],
+                     "fwd_ci": (np.nan, np.nan) if r is None else _ends(r, "fwd")})
     return rows
 
 
@@ -251,8 +290,12 @@ def claim_seeds(an: Analysis) -> tuple[str, str]:
         f"{fmt(r['fwd'])} ms measured, {fmt(r['pred'])} ms fitted" if r in ran else r["status"]) for r in rows)
     if len(ran) < len(SEEDS):
         return "not measured", text
-    worst = max(abs(r["pred"] / r["fwd"] - 1) for r in ran)
-    return (HOLDS if worst <= RESIDUAL_MAX else FAILS), text
+    verdicts = []
+    for r in ran:  # the fit's residual there, over the measured median's CI
+        lo, hi = r["fwd_ci"]
+        res = (r["pred"] / hi - 1, r["pred"] / lo - 1) if np.isfinite(lo) else (r["pred"] / r["fwd"] - 1,) * 2
+        verdicts.append(interval_verdict(res[0], res[1], -RESIDUAL_MAX, RESIDUAL_MAX))
+    return combine_verdicts(verdicts), text
 
 
 # (claim, criterion, verdict function) of the rows every exact variant gets
@@ -262,18 +305,21 @@ CLAIMS = (
      "order the two terms give there, 1 + (n² term's share): holds inside, does not hold outside, "
      "inconclusive across", claim_growth),
     ("time O(n²·d + n·d²): the two terms describe every cell",
-     f"two-term fit over ≥ {MIN_CELLS} cells: R² ≥ {R2_MIN}, every residual ≤ {RESIDUAL_MAX:.0%}", claim_fit),
-    ("n ≫ d: the score term dominates", f"mixing > {DOMINANT:.0%} of the forward at n = 8·D, every D",
+     f"two-term fit over ≥ {MIN_CELLS} cells: R² ≥ {R2_MIN}, every cell's residual (over its median's "
+     f"95 % CI) ≤ {RESIDUAL_MAX:.0%}", claim_fit),
+    ("n ≫ d: the score term dominates", f"mixing (95 % interval) > {DOMINANT:.0%} of the forward at n = 8·D, every D",
      lambda an: claim_share(an, 8, "mix", "n = 8·D")),
-    ("d ≫ n: the projections dominate", f"projections > {DOMINANT:.0%} of the forward at n = D/8, every D",
+    ("d ≫ n: the projections dominate",
+     f"projections (95 % interval) > {DOMINANT:.0%} of the forward at n = D/8, every D",
      lambda an: claim_share(an, 1 / 8, "proj", "n = D/8")),
-    ("16× the length → 256× the work", f"mixing t(16n)/t(n) within {WORK_FACTOR_TOL:g}× of 256 at every D",
+    ("16× the length → 256× the work",
+     f"mixing t(16n)/t(n) (95 % interval) within {WORK_FACTOR_TOL:g}× of 256 at every D",
      claim_work_factor),
     ("multi-head attention does not change the complexity",
      f"every pair of H at one D: the difference of their exponents in n (95 % CI) within ±{HEAD_EXP_TOL}",
      claim_heads),
     ("the worked configurations n = 512, D = 768 and n = 8192, D = 1024",
-     f"the two-term fit predicts each within {RESIDUAL_MAX:.0%}", claim_seeds),
+     f"the two-term fit predicts each within {RESIDUAL_MAX:.0%} (over its median's 95 % CI)", claim_seeds),
 )
 
 
@@ -321,7 +367,7 @@ def _figure(doc: Doc, analyses: list[Analysis], out: Path) -> None:
     for an in analyses[:MAX_PANELS]:
         series = []
         for D, g in an.fit_cells.dropna(subset=["fwd"]).groupby("D"):
-            s = {"D": D, "n": g["n"].to_numpy(), "t": g["fwd"].to_numpy()}
+            s = {"D": D, "n": g["n"].to_numpy(), "t": g["fwd"].to_numpy(), "flagged": _flags(g)}
             if not isinstance(an.time, Refusal):
                 grid = np.geomspace(g["n"].min(), g["n"].max(), 40)
                 score, proj, const = an.time.parts(grid, D)
@@ -341,7 +387,9 @@ def _fits(doc: Doc, analyses: list[Analysis]) -> None:
     rows = []
     for an in analyses:
         ft = an.time
-        head = [an.line.label, f"{len(an.fit_cells)} (d_k = {an.head_dim:g})" if len(an.cells) else "0"]
+        bad = int(_flags(an.fit_cells).sum())
+        head = [an.line.label, (f"{len(an.fit_cells)} (d_k = {an.head_dim:g})" + (f", {bad} {FLAG}" if bad else ""))
+                if len(an.cells) else "0"]
         if isinstance(ft, Refusal):
             rows.append(head + [f"no fit: {ft.reason}"] + [MISSING] * 5)
             continue
@@ -354,7 +402,8 @@ def _fits(doc: Doc, analyses: list[Analysis]) -> None:
                             else "0 (no n·D² term)",
                             fmt(ft.c), f"{ft.r2:.4f}", _pct(ft.worst), held])
     doc.p("In brackets: 95 % intervals from a bootstrap (cells resampled with replacement, each median "
-          f"moved within its own CI, the fit repeated {BOOT_DRAWS} times).")
+          f"moved within its own CI, the fit repeated {BOOT_DRAWS} times). {FLAG}: cells of the fit whose "
+          "timings are not `stable` (section 6; red rings in the figure above).")
     doc.table(["variant", "cells (head dim)", "score term GFLOP/s", "projection term GFLOP/s", "c (ms)",
                "R²", "worst residual", "held out: largest n predicted from the rest"], rows)
 
@@ -378,6 +427,7 @@ def _crossovers(doc: Doc, analyses: list[Analysis]) -> None:
             co = crossover(g["n"], g["proj"], mix)
             measured = {"crosses": f"n ≈ {fmt(co.n)}", "below at every n": "mixing dominates at every n measured",
                         "not reached": "projections dominate at every n measured"}.get(co.verdict, MISSING)
+            measured += FLAG if _flags(g).any() else ""
             rows.append([an.line.label, f"{D:,.0f}", f"n* ≈ {fmt(pred)}{_range(pred_ci)}" if pred
                          else "never (a term fitted 0)",
                          measured])
@@ -414,7 +464,8 @@ def _seeds(doc: Doc, exact: list[Analysis]) -> None:
         for r in seed_rows(an):
             n, D = r["n"], r["D"]
             rows.append([an.line.label, f"{n:,}", f"{D:,}", sci(score_macs(n, D)), sci(4 * n * D * D),
-                         r["status"], fmt(r["fwd"]), fmt(r["pred"]), fmt(r["mem"])])
+                         r["status"], fmt(r["fwd"]) + (FLAG if r["flagged"] else ""), fmt(r["pred"]),
+                         fmt(r["mem"])])
     if not rows:
         doc.p("No exact variant among the fitted kernel cells.")
         return

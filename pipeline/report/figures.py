@@ -238,7 +238,8 @@ def plot_checkpointing(effect: pd.DataFrame, colours: dict, path: Path) -> Path 
 def plot_two_term(panels: list[dict], path: Path) -> Path | None:
     """Time vs n, one panel per fitted group, one colour per width D: measured points, the fitted
     two-term curve (solid) and its score and projection terms (dashed, dotted). Each panel is
-    {"title", "series": [{"D", "n", "t"} plus, when fitted, "grid", "total", "score", "proj"]}."""
+    {"title", "series": [{"D", "n", "t", optionally "flagged"} plus, when fitted, "grid", "total",
+    "score", "proj"]}; flagged points get a red ring."""
     panels = [p for p in panels if p["series"]]
     if not panels:
         return None
@@ -252,6 +253,10 @@ def plot_two_term(panels: list[dict], path: Path) -> Path | None:
         for s in panel["series"]:
             c = colour[s["D"]]
             ax.plot(s["n"], s["t"], "o", ms=4, color=c, label=f"D = {s['D']:,.0f}")
+            bad = np.asarray(s.get("flagged", np.zeros(len(s["n"]), bool)), bool)
+            if bad.any():  # cells not stable: a red ring, as in the scaling plots
+                ax.plot(np.asarray(s["n"])[bad], np.asarray(s["t"])[bad], ls="none", marker="o", ms=10,
+                        mfc="none", mec="red", mew=1.2)
             if "grid" in s:
                 ax.plot(s["grid"], s["total"], "-", lw=1.2, color=c)
                 for part, ls in (("score", "--"), ("proj", ":")):

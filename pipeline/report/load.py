@@ -69,6 +69,7 @@ def _row(run, reused: bool) -> dict[str, Any]:
         "run_name": info.run_name,
         "start_time": pd.Timestamp(info.start_time, unit="ms") if info.start_time else pd.NaT,
         "mlflow_status": info.status,
+        "artifact_uri": info.artifact_uri,
         "reused": reused,
     }
     row.update({R.col(k, "param"): v for k, v in data.params.items()})
@@ -86,13 +87,13 @@ def latest_per_config(frame: pd.DataFrame) -> pd.DataFrame:
     if hash_col not in frame or frame.empty:
         return frame
     has = frame[hash_col].notna()
-    keep = [frame[~has]]
-    for _, g in frame[has].groupby(hash_col, sort=False):
-        ok = g[g[status] == "ok"] if status in g else g.iloc[0:0]
-        stable = ok[ok[stab] == R.STABLE] if stab in ok else ok.iloc[0:0]
-        pool = stable if len(stable) else ok if len(ok) else g
-        keep.append(pool.sort_values("start_time").tail(1))
-    return pd.concat(keep).sort_index()
+    # rank each run on a narrow frame (a store's frame has hundreds of columns): stable ok runs
+    # first, then ok ones, then the rest; the latest wins within a rank
+    ok = frame[status].eq("ok") if status in frame else pd.Series(False, index=frame.index)
+    stable = ok & frame[stab].eq(R.STABLE) if stab in frame else pd.Series(False, index=frame.index)
+    rank = pd.DataFrame({"h": frame[hash_col], "s": stable, "o": ok, "t": frame["start_time"]})[has]
+    best = rank.sort_values(["s", "o", "t"], kind="stable").groupby("h", sort=False).tail(1).index
+    return frame.loc[frame.index[~has].union(best)].sort_index()
 
 
 def _numeric_params(frame: pd.DataFrame) -> pd.DataFrame:

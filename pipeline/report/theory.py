@@ -267,22 +267,32 @@ _METRICS = {"fwd": R.KERNEL_FWD_MS, "proj": R.KERNEL_PROJ_MS, "mix": R.KERNEL_MI
 
 def cell_medians(group: Line) -> pd.DataFrame:
     """One row per (n, D, H, B) of the ok cells: the median of each metric (NaN: not logged),
-    and the forward median's 95 % CI (`fwd_lo`, `fwd_hi`); over a cell's rounds, the span of
-    their CIs."""
+    and the 95 % CIs of the forward's and the projections' medians (`fwd_lo`, `fwd_hi`, `proj_lo`,
+    `proj_hi`); over a cell's rounds, the span of their CIs; `flagged`: a run of the cell is not
+    `stable`."""
     ok = group.ok()
     frame = pd.DataFrame({"n": ok[SEQ_LEN], "D": ok[D_COL], "H": ok[H_COL], "B": ok[B_COL]}).astype(float)
     for short, metric in _METRICS.items():
         frame[short] = pd.to_numeric(ok[R.col(metric)], errors="coerce") if R.col(metric) in ok else np.nan
-    for end, name in zip(("fwd_lo", "fwd_hi"), R.ci_names(R.KERNEL_FWD_MS)):  # the medians' 95 % CIs
-        frame[end] = pd.to_numeric(ok[R.col(name)], errors="coerce") if R.col(name) in ok else np.nan
+    timed = {"fwd": R.KERNEL_FWD_MS, "proj": R.KERNEL_PROJ_MS}  # the medians' 95 % CIs
+    for short, metric in timed.items():
+        for end, name in zip(("_lo", "_hi"), R.ci_names(metric)):
+            frame[short + end] = pd.to_numeric(ok[R.col(name)], errors="coerce") if R.col(name) in ok else np.nan
     keys = ["n", "D", "H", "B"]
     med = frame.groupby(keys, as_index=False).median()
     # a cell measured more than once (rounds, seeds): its interval spans every run's CI and median,
     # so that the run-to-run spread, which one run's CI does not carry, reaches the fits
-    spans = frame.assign(fwd_lo=frame[["fwd_lo", "fwd"]].min(axis=1, skipna=False),
-                         fwd_hi=frame[["fwd_hi", "fwd"]].max(axis=1, skipna=False)
-                         ).groupby(keys, as_index=False).agg(fwd_lo=("fwd_lo", "min"), fwd_hi=("fwd_hi", "max"))
-    med = med.drop(columns=["fwd_lo", "fwd_hi"]).merge(spans, on=keys)
+    ends = {}
+    for short in timed:
+        ends[short + "_lo"] = frame[[short + "_lo", short]].min(axis=1, skipna=False)
+        ends[short + "_hi"] = frame[[short + "_hi", short]].max(axis=1, skipna=False)
+    spans = frame[keys].assign(**ends).groupby(keys, as_index=False).agg(
+        **{c: (c, "min" if c.endswith("_lo") else "max") for c in ends})
+    med = med.drop(columns=list(ends)).merge(spans, on=keys)
+    # a cell with a run (a round) whose timings are not `stable` is marked wherever it is shown
+    stab = ok[R.col(R.STABILITY)] if R.col(R.STABILITY) in ok else pd.Series(index=ok.index, dtype=object)
+    bad = frame[keys].assign(flagged=(stab.notna() & (stab != R.STABLE)).to_numpy())
+    med = med.merge(bad.groupby(keys, as_index=False)["flagged"].any(), on=keys)
     return med.assign(hd=med["D"] / med["H"]).sort_values(["D", "H", "n"]).reset_index(drop=True)
 
 

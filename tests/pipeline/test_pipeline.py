@@ -189,3 +189,19 @@ def test_sigkilled_sweep_resumes_without_duplicates(tmp_path):
     ok = [x for x in cells if x.data.tags.get(R.STATUS) == "ok"]
     assert sorted(int(x.data.params["seq_len"]) for x in ok) == [32, 48, 64, 80]
     assert not [x for x in tr.search("attributes.status = 'RUNNING'")]
+
+
+def test_each_round_gets_a_server_of_its_own():
+    """Forks share their server's address-space layout, so a new round starts a new server;
+    cells outside rounds (round None) keep whichever server runs."""
+    from multiprocessing import forkserver
+
+    from pipeline import isolation
+
+    isolation._fork_context(1)
+    first = forkserver._forkserver._forkserver_pid
+    isolation._fork_context(None)
+    isolation._fork_context(1)
+    assert forkserver._forkserver._forkserver_pid == first
+    isolation._fork_context(2)
+    assert forkserver._forkserver._forkserver_pid not in (None, first)

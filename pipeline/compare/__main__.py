@@ -1,0 +1,3 @@
+from pipeline.compare.cli import main
+
+raise SystemExit(main())
