@@ -157,8 +157,8 @@ class Root:
     isolate: bool = _f(True, SWITCH, "run the cell in a child process of its own")
     isolation: str = _f("fork", SWITCH, "fork: from a warm pre-imported server; spawn: a fresh interpreter", "isolation")
     timeout_s: float = _f(900, SWITCH, "kill the cell's process after this long", "positive_number")
-    rounds: int = _f(1, SWITCH, "measure every kernel cell in this many rounds, each in its own process, the rounds "
-                     "interleaved across the sweep in shuffled order", "positive")
+    rounds: int = _f(1, SWITCH, "measure every kernel cell in this many rounds, each forked from a server of its "
+                     "own, the rounds interleaved across the sweep in shuffled order", "positive")
     round: Any = _f(None, REPLICATE, "which round a cell is (set by the sweeper when rounds > 1; absent otherwise)",
                     "positive_or_null")
     remeasure: int = _f(2, SWITCH, "measure a cell that is not stable again, in a new process, up to this many times",

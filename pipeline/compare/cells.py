@@ -20,7 +20,9 @@ import pandas as pd
 from pipeline import record as R
 from pipeline.compare.stats import (
     ALPHA,
+    DRIFT,
     MEM_FLOOR_MB,
+    NU0,
     QUALITY_FLOOR,
     RUN_NOISE,
     THRESHOLD,
@@ -260,9 +262,23 @@ def _rounds_agree(b: Measured, n: Measured, floor: float) -> bool:
     return min(b.rounds, n.rounds) >= 2 and max(b.spread, n.spread) <= floor
 
 
+def cell_run_noise(b: Measured, n: Measured, pooled: float) -> float:
+    """The cell's own σ_run: its rounds' variance (both sides, df = Σ(rounds - 1)) moderated
+    toward the figure's pooled σ_run, weighted as NU0 degrees of freedom (two rounds a side are
+    too few to trust alone, and cells do differ: sub-millisecond ones vary most)."""
+    df, ss = 0, 0.0
+    for m in (b, n):
+        if len(m.log_values) >= 2 and not m.flagged:
+            df += len(m.log_values) - 1
+            ss += float(np.var(m.log_values, ddof=1)) * (len(m.log_values) - 1)
+    return math.sqrt((NU0 * pooled * pooled + ss) / (NU0 + df))
+
+
 def compare_figure(b: Measured, n: Measured, fig: Figure, run_noise: float, threshold: float,
-                   alpha: float) -> dict:
-    """One row's numbers and verdict (both sides present). `run_noise`: the figure's σ_run."""
+                   alpha: float, drift: float = 0.0) -> dict:
+    """One row's numbers and verdict (both sides present). `run_noise`: the figure's σ_run per
+    round (moderated by the cell's rounds); `drift`: σ of a whole sweep's shift (timed figures)."""
+    run_noise = cell_run_noise(b, n, run_noise)
     ratio = n.value / b.value if b.value > 0 else (1.0 if n.value == 0 else math.inf)
     row = {"base": b.value, "new": n.value, "ratio": ratio, "ci_lo": math.nan, "ci_hi": math.nan,
            "p": math.nan, "test": "", "sigma": math.nan}
@@ -271,7 +287,7 @@ def compare_figure(b: Measured, n: Measured, fig: Figure, run_noise: float, thre
     sides = []
     for m in (b, n):
         w = m.sigma_within if np.isfinite(m.sigma_within) else 0.0
-        sides.append(w * w + run_noise * run_noise / m.rounds)
+        sides.append(w * w + run_noise * run_noise / m.rounds + (drift * drift if fig.timed else 0.0))
     sigma = math.sqrt(sum(sides))
     lo, hi = ratio * math.exp(-Z95 * sigma), ratio * math.exp(Z95 * sigma)
     if not fig.timed:  # no calls: the interval from the rounds' spread (none without rounds)
@@ -304,6 +320,7 @@ class Comparison:
     threshold: float
     alpha: float
     notes: list[str]
+    drift: float = DRIFT  # σ of a whole sweep's shift, per side (0: the sides were interleaved)
 
     @property
     def same_machine(self) -> bool:
@@ -350,7 +367,7 @@ def _group_of(key: tuple, keys: Sequence[str]) -> tuple:
 
 def compare(base: Side, new: Side, ignore: Sequence[str] = (), threshold: float = THRESHOLD,
             alpha: float = ALPHA, run_noise: float | None = None, figures: Sequence[Figure] = FIGURES,
-            raw_calls: bool = True) -> Comparison:
+            raw_calls: bool = True, drift: float = DRIFT) -> Comparison:
     notes: list[str] = []
     kb, kn = identity_keys(base.frame, ignore), identity_keys(new.frame, ignore)
     keys = sorted(set(kb) & set(kn))
@@ -406,10 +423,10 @@ def compare(base: Side, new: Side, ignore: Sequence[str] = (), threshold: float 
                          "ratio": math.nan, "ci_lo": math.nan, "ci_hi": math.nan, "p": math.nan, "test": "",
                          "sigma": math.nan, "verdict": "missing", "note": f"{missing_side}: {why}"})
             continue
-        rows.append({**base_row, **compare_figure(mb, mn, fig, noise[fig.name], threshold, alpha)})
+        rows.append({**base_row, **compare_figure(mb, mn, fig, noise[fig.name], threshold, alpha, drift)})
     cols = ["cell", "line", "figure", "base", "new", "ratio", "ci_lo", "ci_hi", "p", "verdict", "test", "sigma", "note"]
     frame = pd.DataFrame(rows, columns=cols)
-    return Comparison(base, new, frame, keys, noise, source, threshold, alpha, notes)
+    return Comparison(base, new, frame, keys, noise, source, threshold, alpha, notes, drift)
 
 
 def _has(runs: pd.DataFrame, fig: Figure) -> bool:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.compare.cells import FIGURES, compare, load_side
-from pipeline.compare.stats import ALPHA, RUN_NOISE, THRESHOLD
+from pipeline.compare.stats import ALPHA, DRIFT, RUN_NOISE, THRESHOLD
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,12 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--alpha", type=float, default=ALPHA, help="significance level of the test")
     ap.add_argument("--run-noise", type=float, default=None,
                     help=f"σ of log(median) between runs (default: from rounds, else {RUN_NOISE})")
+    ap.add_argument("--drift", type=float, default=DRIFT,
+                    help=f"σ of a whole sweep's shift against another (default {DRIFT}; 0 when the two were "
+                         "measured interleaved cell by cell, as compare-commits does)")
     ap.add_argument("--ignore", nargs="*", default=[], help="axes (or groups) left out of a cell's identity")
     ap.add_argument("--fail-on", nargs="*", default=[f.name for f in FIGURES], choices=[f.name for f in FIGURES],
                     help="figures whose `slower` fails the gate")
     args = ap.parse_args(argv)
-    if not 0 < args.threshold < 1 or not 0 < args.alpha < 1 or (args.run_noise is not None and args.run_noise < 0):
-        print("compare: --threshold and --alpha must lie in (0, 1) and --run-noise be ≥ 0", file=sys.stderr)
+    if not 0 < args.threshold < 1 or not 0 < args.alpha < 1 or (args.run_noise or 0) < 0 or args.drift < 0:
+        print("compare: --threshold and --alpha must lie in (0, 1), --run-noise and --drift be ≥ 0", file=sys.stderr)
         return 2
     try:
         base = load_side(args.base, args.base_uri)
@@ -61,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from pipeline.report.comparison import summary, write_outputs
 
-    cmp = compare(base, new, args.ignore, args.threshold, args.alpha, args.run_noise)
+    cmp = compare(base, new, args.ignore, args.threshold, args.alpha, args.run_noise, drift=args.drift)
     out = args.out or Path("reports") / _slug(f"compare-{args.base}-vs-{args.new}")
     write_outputs(cmp, out, args.fail_on)
     print(summary(cmp, args.fail_on, out))

@@ -118,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"compare-commits: {failed} cell run(s) exited non-zero; their records say why", file=sys.stderr)
     from pipeline.compare.cli import main as compare_main
 
-    cmp_args = ["--base", base_exp, "--new", new_exp, "--base-uri", uri]
+    cmp_args = ["--base", base_exp, "--new", new_exp, "--base-uri", uri, "--drift", "0"]  # interleaved
     cmp_args += ["--threshold", args.threshold] if args.threshold else []
     cmp_args += ["--out", args.out] if args.out else []
     return compare_main(cmp_args)

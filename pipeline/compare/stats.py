@@ -12,7 +12,9 @@ Z95 = 1.959964
 THRESHOLD = 0.05    # changes inside ±5 % are `same` (criterion.rs' noise threshold)
 ALPHA = 0.05        # significance level of the test
 RUN_NOISE = 0.02    # σ of log(median) between two runs of one cell, when no rounds measure it
-MEM_FLOOR_MB = 1.0  # peak-memory changes under 1 MiB are `same` (allocator granularity)
+DRIFT = 0.035       # σ of a whole sweep's shift: back-to-back sweeps' median ratios 1.009, 1.038, 0.951 here
+NU0 = 4             # degrees of freedom the pooled σ_run weighs against a cell's own rounds
+MEM_FLOOR_MB = 2.0  # peak-memory changes under 2 MiB are `same`: RSS moves in 2 MiB transparent huge pages
 QUALITY_FLOOR = 1e-3  # quality changes under 0.001 (nats of loss, or relative error) are `same`
 VERDICTS = ("slower", "faster", "same", "unstable", "missing")
 

@@ -64,7 +64,9 @@ def _setup(cmp) -> list[str]:
         where = f"sweep `{s.sweep_id}`" if s.sweep_id else "latest run per cell"
         out.append(f"{name}: `{s.spec}` (experiment `{s.experiment}`, {where}, {len(s.frame)} runs) in `{s.uri}`")
     out.append(f"matched on: {', '.join(k.split('.', 1)[1] for k in cmp.keys) or 'nothing'}")
-    out.append(f"threshold ±{100 * cmp.threshold:g} %, significance level {cmp.alpha:g}")
+    out.append(f"threshold ±{100 * cmp.threshold:g} %, significance level {cmp.alpha:g}; a whole sweep's drift "
+               f"σ = {100 * cmp.drift:.1f} % a side" + (" (--drift; 0: measured interleaved)" if cmp.drift else
+                                                          " (the sides were measured interleaved)"))
     shown = set(cmp.rows["figure"])
     out.append("run-to-run noise σ per run: " + "; ".join(
         f"{f} {100 * v:.1f} % ({cmp.run_noise_source[f]})" for f, v in cmp.run_noise.items() if f in shown))
@@ -85,7 +87,8 @@ def aa_spread(cmp) -> str:
         mad = 1.4826 * float(np.median(np.abs(lr - np.median(lr))))
         out.append(f"{fig}: ratios over {len(lr)} cells min {q[0]:.3f}, 5 % {q[1]:.3f}, median {q[2]:.3f}, "
                    f"95 % {q[3]:.3f}, max {q[4]:.3f}; robust σ of log ratio {100 * mad:.1f} % "
-                   f"(≈ {100 * mad / np.sqrt(2):.1f} % per run if this is an A/A pair)")
+                   f"(if this is an A/A pair: ≈ {100 * mad / np.sqrt(2):.1f} % per run around the median, "
+                   f"and the median's shift is the sweeps' drift)")
     return "\n".join(out)
 
 

@@ -129,7 +129,7 @@ def test_memory_change_beyond_threshold_and_floor(store):
     store.sweep("b", mem_factor=1.5)
     mem = _cmp(store, "a", "b").query("figure == 'peak_mem'").set_index("cell")
     assert mem.loc["vanilla-n2048-kernel", "verdict"] == "slower"  # 16.8 -> 25.2 MiB
-    assert mem.loc["vanilla-n512-kernel", "verdict"] == "same"  # 1.05 -> 1.57 MiB: under the 1 MiB floor
+    assert mem.loc["vanilla-n512-kernel", "verdict"] == "same"  # 1.05 -> 1.57 MiB: under the 2 MiB floor
     assert math.isnan(mem.loc["vanilla-n2048-kernel", "p"])
 
 
@@ -156,12 +156,13 @@ def test_unmatched_cells_are_listed_as_missing(store, tmp_path):
 
 
 def test_rounds_set_the_run_to_run_noise(store):
-    """Two rounds 10 % apart in every cell: σ_run = log(1.05/0.95)/√2, wide enough that a 20 %
-    shift is not called; without rounds (the default noise) the same shift is `slower`."""
-    store.sweep("a", rounds=2, round_spread=0.10)
-    store.sweep("b", rounds=2, round_spread=0.10, factor=lambda m, n: 1.20)
-    cmp = C.compare(C.load_side("a", store.uri), C.load_side("b", store.uri))
-    assert cmp.run_noise["fwd"] == pytest.approx(math.log(1.05 / 0.95) / math.sqrt(2), rel=0.05)
+    """Two rounds 14 % apart in every cell: σ_run = log(1.07/0.93)/√2, wide enough that a 20 %
+    shift is not called; without rounds (the default noise) the same shift is `slower`. No
+    drift term here (as for interleaved sides), so only the rounds differ."""
+    store.sweep("a", rounds=2, round_spread=0.14)
+    store.sweep("b", rounds=2, round_spread=0.14, factor=lambda m, n: 1.20)
+    cmp = C.compare(C.load_side("a", store.uri), C.load_side("b", store.uri), drift=0.0)
+    assert cmp.run_noise["fwd"] == pytest.approx(math.log(1.07 / 0.93) / math.sqrt(2), rel=0.05)
     assert "rounds" in cmp.run_noise_source["fwd"]
     assert cmp.run_noise["peak_mem"] == 0.0  # memory the same in both rounds: no noise known
     fwd = cmp.rows[cmp.rows["figure"] == "fwd"]
@@ -169,8 +170,22 @@ def test_rounds_set_the_run_to_run_noise(store):
     assert not fwd["cell"].str.contains("-r1").any()
     store.sweep("c")
     store.sweep("d", factor=lambda m, n: 1.20)
-    quiet = _cmp(store, "c", "d")
+    quiet = C.compare(C.load_side("c", store.uri), C.load_side("d", store.uri), drift=0.0).rows
     assert (quiet[quiet["figure"] == "fwd"]["verdict"] == "slower").all()
+    # a whole sweep's drift widens every interval: the same 20 % with the default drift
+    drifting = _cmp(store, "c", "d")
+    ci = drifting[drifting["figure"] == "fwd"]
+    assert (ci["ci_hi"] - ci["ci_lo"] > quiet[quiet["figure"] == "fwd"]["ci_hi"] - quiet[quiet["figure"] == "fwd"]["ci_lo"]).all()
+
+
+def test_a_cell_whose_rounds_disagree_gets_a_wider_interval():
+    """The cell's own rounds moderate the pooled σ_run (NU0 degrees of freedom against theirs)."""
+    from pipeline.compare.cells import Measured, cell_run_noise
+
+    agree = Measured(1.0, 0.0, 2, [0.0, 0.0], None, False)
+    apart = Measured(1.0, 0.0, 2, [math.log(0.9), math.log(1.1)], None, False)
+    assert cell_run_noise(agree, agree, 0.02) < 0.02 < cell_run_noise(apart, apart, 0.02)
+    assert cell_run_noise(Measured(1.0, 0.0, 1, [0.0], None, False), agree, 0.02) < 0.02
 
 
 def test_devices_side_by_side_match_on_an_ignored_axis_and_never_gate(store, tmp_path):
