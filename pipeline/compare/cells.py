@@ -321,6 +321,7 @@ class Comparison:
     alpha: float
     notes: list[str]
     drift: float = DRIFT  # σ of a whole sweep's shift, per side (0: the sides were interleaved)
+    ignored: tuple[str, ...] = ()  # axes left out of the matching (--ignore)
 
     @property
     def same_machine(self) -> bool:
@@ -426,7 +427,7 @@ def compare(base: Side, new: Side, ignore: Sequence[str] = (), threshold: float 
         rows.append({**base_row, **compare_figure(mb, mn, fig, noise[fig.name], threshold, alpha, drift)})
     cols = ["cell", "line", "figure", "base", "new", "ratio", "ci_lo", "ci_hi", "p", "verdict", "test", "sigma", "note"]
     frame = pd.DataFrame(rows, columns=cols)
-    return Comparison(base, new, frame, keys, noise, source, threshold, alpha, notes, drift)
+    return Comparison(base, new, frame, keys, noise, source, threshold, alpha, notes, drift, tuple(ignore))
 
 
 def _has(runs: pd.DataFrame, fig: Figure) -> bool:

@@ -63,10 +63,9 @@ def cells(grid: str, overrides: Sequence[str]) -> list[list[str]]:
     from pipeline.config import compose
     from pipeline.sweep import expand_grids
 
-    args = [f"grid={grid}", *overrides]
-    cfg = compose(args, return_hydra_config=True)
+    cfg = compose([f"grid={grid}"], return_hydra_config=True)  # the grid's cells; overrides may sweep
     grids = [dict(g) for g in (cfg.hydra.sweeper.get("grids") or [])]
-    return expand_grids(OverridesParser.create(), grids, args)
+    return expand_grids(OverridesParser.create(), grids, [f"grid={grid}", *overrides])
 
 
 def run_cell(root: Path, cell: Sequence[str], experiment: str, uri: str, extra: Sequence[str]) -> int:

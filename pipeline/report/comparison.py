@@ -63,7 +63,8 @@ def _setup(cmp) -> list[str]:
     for name, s in (("base", cmp.base), ("new", cmp.new)):
         where = f"sweep `{s.sweep_id}`" if s.sweep_id else "latest run per cell"
         out.append(f"{name}: `{s.spec}` (experiment `{s.experiment}`, {where}, {len(s.frame)} runs) in `{s.uri}`")
-    out.append(f"matched on: {', '.join(k.split('.', 1)[1] for k in cmp.keys) or 'nothing'}")
+    out.append(f"cells matched on {len(cmp.keys)} params (every axis, the length, the seed; not the round, timing "
+               "settings or switches)" + (f", ignoring {', '.join(cmp.ignored)}" if cmp.ignored else ""))
     out.append(f"threshold ±{100 * cmp.threshold:g} %, significance level {cmp.alpha:g}; a whole sweep's drift "
                f"σ = {100 * cmp.drift:.1f} % a side" + (" (--drift; 0: measured interleaved)" if cmp.drift else
                                                           " (the sides were measured interleaved)"))

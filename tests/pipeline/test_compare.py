@@ -218,5 +218,6 @@ def test_compare_commits_expands_the_grid_and_refuses_a_bad_ref(capsys):
     jobs = commits.cells("compare", [])
     assert len(jobs) == 12 and all("scenario=kernel" in j for j in jobs)
     assert len(commits.cells("compare", ["model=vanilla"])) == 4
+    assert len(commits.cells("compare", ["model=vanilla,ssm", "seq_len=1024"])) == 2
     assert commits.main(["--base", "no-such-ref-xyz"]) == 2
     assert "not a commit" in capsys.readouterr().err
