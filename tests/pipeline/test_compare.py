@@ -39,7 +39,7 @@ class Store:
 
     def sweep(self, name: str, factor=lambda m, n: 1.0, flagged=(), drop=(), device="Intel Xeon",
               trainer="cpu", rounds: int = 1, round_spread: float = 0.0, mem_factor: float = 1.0,
-              models=MODELS, lengths=LENGTHS) -> None:
+              models=MODELS, lengths=LENGTHS, memory_method: str = "cuda.max_memory_allocated") -> None:
         exp = self.client.create_experiment(name, artifact_location=f"{self.art}/{name}")
         for model in models:
             for n in lengths:
@@ -48,15 +48,16 @@ class Store:
                 for r in range(1, rounds + 1):
                     scale = _ms(model, n) * factor(model, n) * (1 + round_spread * (r - (rounds + 1) / 2))
                     self._cell(exp, model, n, scale, (model, n) in flagged, device, trainer,
-                               r if rounds > 1 else None, mem_factor)
+                               r if rounds > 1 else None, mem_factor, memory_method)
 
-    def _cell(self, exp, model, n, scale, flagged, device, trainer, rnd, mem_factor):
+    def _cell(self, exp, model, n, scale, flagged, device, trainer, rnd, mem_factor, memory_method):
         self.clock += 1
         calls = [scale * s for s in SHAPE]
         lo, hi = median_ci(calls)
         name = R.run_name(model, n, "kernel", False, rnd)
         tags = {R.MODEL: model, R.SCENARIO: "kernel", R.STATUS: "ok", R.DEVICE_NAME: device, R.HOST: "box",
-                R.GIT_SHA: "abc", R.STABILITY: R.STABILITIES[1] if flagged else R.STABLE}
+                R.GIT_SHA: "abc", R.STABILITY: R.STABILITIES[1] if flagged else R.STABLE,
+                R.MEMORY_METHOD: memory_method}
         params = {"model.name": model, "seq_len": n, "scenario.name": "kernel", "backbone.d_model": 64,
                   "trainer.accelerator": trainer, "scenario.min_repeats": 3, "seed": 0}
         if rnd:
@@ -131,6 +132,21 @@ def test_memory_change_beyond_threshold_and_floor(store):
     assert mem.loc["vanilla-n2048-kernel", "verdict"] == "slower"  # 16.8 -> 25.2 MiB
     assert mem.loc["vanilla-n512-kernel", "verdict"] == "same"  # 1.05 -> 1.57 MiB: under the 2 MiB floor
     assert math.isnan(mem.loc["vanilla-n2048-kernel", "p"])
+
+
+def test_cpu_peak_memory_is_called_only_from_rounds_that_agree(store):
+    """A CPU's resident high-water mark moves by whole buffers between processes: without rounds
+    a change beyond the threshold is `unstable`; with rounds that agree on both sides it is called."""
+    cpu = "VmHWM+clear_refs+malloc_trim"
+    store.sweep("a", memory_method=cpu)
+    store.sweep("b", memory_method=cpu, mem_factor=1.5)
+    mem = _cmp(store, "a", "b").query("figure == 'peak_mem'").set_index("cell")
+    assert mem.loc["vanilla-n2048-kernel", "verdict"] == "unstable"
+    assert "whole buffers" in mem.loc["vanilla-n2048-kernel", "note"]
+    store.sweep("c", memory_method=cpu, rounds=2)
+    store.sweep("d", memory_method=cpu, rounds=2, mem_factor=1.5)
+    mem = _cmp(store, "c", "d").query("figure == 'peak_mem'").set_index("cell")
+    assert mem.loc["vanilla-n2048-kernel", "verdict"] == "slower"
 
 
 def test_a_flagged_side_is_unstable_not_slower(store, tmp_path):
