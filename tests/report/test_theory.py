@@ -347,3 +347,18 @@ def test_cell_medians_span_the_rounds_of_a_cell():
     assert got.loc[1024, "fwd"] == pytest.approx(10.5)
     assert (got.loc[1024, "fwd_lo"], got.loc[1024, "fwd_hi"]) == (9.9, 11.3)
     assert (got.loc[2048, "fwd_lo"], got.loc[2048, "fwd_hi"]) == (39.0, 41.0)
+
+
+@pytest.mark.parametrize("proj_share,rel_ci,want", [(0.40, 0.01, "holds"), (0.40, 0.25, "inconclusive"),
+                                                    (0.70, 0.01, "does not hold here")])
+def test_share_claim_judges_the_interval_of_the_share(proj_share, rel_ci, want):
+    """The mixing's share at n = 8·D from the forward's and the projections' CIs: inside the
+    criterion holds, straddling 50 % is inconclusive, wholly below does not hold."""
+    from pipeline.report.answer import claim_share
+
+    cells = _cells(rel_ci)
+    cells = cells.assign(proj=cells["fwd"] * proj_share, mix=cells["fwd"] * (1 - proj_share),
+                         proj_lo=cells["fwd"] * proj_share * (1 - rel_ci),
+                         proj_hi=cells["fwd"] * proj_share * (1 + rel_ci))
+    verdict, text = claim_share(_analysis_from(cells), 8, "mix", "n = 8·D")
+    assert verdict == want and "D = 256, n = 2,048: " in text and "[" in text
