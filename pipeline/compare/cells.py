@@ -430,10 +430,6 @@ def compare(base: Side, new: Side, ignore: Sequence[str] = (), threshold: float 
     return Comparison(base, new, frame, keys, noise, source, threshold, alpha, notes, drift, tuple(ignore))
 
 
-def _has(runs: pd.DataFrame, fig: Figure) -> bool:
-    return any(R.col(m) in runs and runs[R.col(m)].notna().any() for m in fig.metrics)
-
-
 def _status_text(runs: pd.DataFrame) -> str:
     st = runs[R.col(R.STATUS)].astype(str) if R.col(R.STATUS) in runs else pd.Series(["?"])
     return "status " + ", ".join(sorted(set(st))) if not (st == "ok").any() else "figure not recorded"
