@@ -65,6 +65,8 @@ FIGURES = (
 )
 BY_NAME = {f.name: f for f in FIGURES}
 ROUND_COL = R.col(R.ROUND, "param")
+# the config keys (pipeline/schema.py) that name a cell's variant, scenario and task, as param columns
+MODEL_P, SCENARIO_P, TASK_P = (R.col(k, "param") for k in ("model.name", "scenario.name", "task.name"))
 
 
 # ----------------------------------------------------------------------------- one side
@@ -342,7 +344,7 @@ def _label(runs: pd.DataFrame) -> str:
 
 def _line(key: tuple, keys: Sequence[str], varying: set[str]) -> str:
     """The axes that tell this cell from the others of its variant and length: `d_model=64, n_heads=1`."""
-    short = {R.col("task.name", "param"): "task"}
+    short = {TASK_P: "task"}
     return ", ".join(f"{short.get(k, k.rsplit('.', 1)[-1])}={v}" for k, v in zip(keys, key) if k in varying and v != "")
 
 
@@ -350,10 +352,10 @@ def _varying(frame: pd.DataFrame, keys: Sequence[str]) -> dict[tuple, set[str]]:
     """Per (variant, scenario): the keys that take several values among its cells (the length,
     the variant and the scenario are in the cell's name already; a task's layout follows its
     name and the length)."""
-    named = {R.col(R.SEQ_LEN, "param"), R.col("model.name", "param"), R.col("scenario.name", "param")}
+    named = {R.col(R.SEQ_LEN, "param"), MODEL_P, SCENARIO_P}
     shown = [k for k in keys if k not in named
-             and not (k.startswith(R.col("task.", "param")) and k != R.col("task.name", "param"))]
-    by = [c for c in (R.col("model.name", "param"), R.col("scenario.name", "param")) if c in frame]
+             and not (k.startswith(R.col("task.", "param")) and k != TASK_P)]
+    by = [c for c in (MODEL_P, SCENARIO_P) if c in frame]
     if not by:
         return {(): {k for k in shown if frame[k].map(_norm).nunique() > 1}}
     return {tuple(_norm(v) for v in (g if isinstance(g, tuple) else (g,))):
@@ -363,7 +365,7 @@ def _varying(frame: pd.DataFrame, keys: Sequence[str]) -> dict[tuple, set[str]]:
 
 def _group_of(key: tuple, keys: Sequence[str]) -> tuple:
     where = dict(zip(keys, key))
-    return tuple(where[c] for c in (R.col("model.name", "param"), R.col("scenario.name", "param")) if c in where)
+    return tuple(where[c] for c in (MODEL_P, SCENARIO_P) if c in where)
 
 
 def compare(base: Side, new: Side, ignore: Sequence[str] = (), threshold: float = THRESHOLD,
