@@ -154,7 +154,9 @@ class GridSweeper(BasicSweeper):
         reused = sum(1 for k in tr.client.get_run(parent).data.tags if k.startswith(R.REUSED_PREFIX))
         summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
         tr.log(parent, tags={R.STATUS: "ok", R.CELLS: summary, R.REUSED: str(reused)})
-        print(f"[attnbench] sweep {sweep_id} done: {summary}; {reused} reused from earlier runs", flush=True)
+        ran = sum(counts.values())
+        print(f"[attnbench] sweep {sweep_id} done: {ran} run" + (f" ({summary})" if ran else "")
+              + f", {reused} reused from earlier runs", flush=True)
         if self.report:
             self._report(tr, parent, sweep_id)
         tr.end_run(parent, "ok")

@@ -127,13 +127,14 @@ def test_sweep_parent_children_resume_and_oom_skip(tmp_path):
             "hydra.sweeper.report=false", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
     r = run_cli(args, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    n_cells = 2 * len(discover_variants())
+    assert f"done: {n_cells} run ({n_cells} ok), 0 reused from earlier runs" in r.stdout
     tr = Tracker(uri, "attnbench")
     parents = tr.search("tags.`attnbench.role` = 'sweep'")
     assert len(parents) == 1
     sweep_id = parents[0].data.tags[R.SWEEP_ID]
     children = tr.search(f"tags.sweep_id = '{sweep_id}'")
     children = [c for c in children if c.info.run_id != parents[0].info.run_id]
-    n_cells = 2 * len(discover_variants())
     assert len(children) == n_cells
     assert all(c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for c in children)
     assert {c.data.tags[R.STATUS] for c in children} == {"ok"}
@@ -141,6 +142,7 @@ def test_sweep_parent_children_resume_and_oom_skip(tmp_path):
     # the same sweep again: every cell is reused, no new child run
     r = run_cli(args, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert f"done: 0 run, {n_cells} reused from earlier runs" in r.stdout
     parents = tr.search("tags.`attnbench.role` = 'sweep'")
     assert len(parents) == 2
     newest = parents[0]
