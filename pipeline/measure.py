@@ -26,7 +26,7 @@ import torch
 
 from pipeline.evidence import MachineWatch, SchedWait, cpu_count, gpu_disturbance
 from pipeline.registry import cache_dir
-from pipeline.stability import Timing, median_ci, noise_reached, usable_samples
+from pipeline.stability import Timing, iqr, median_ci, noise_reached, usable_samples
 
 # --- device helpers -----------------------------------------------------------
 
@@ -150,13 +150,8 @@ def summarize(samples_ms: list[float]) -> dict[str, float]:
     if not samples_ms:
         raise ValueError("no samples")
     s = sorted(samples_ms)
-    if len(s) >= 2:
-        q = statistics.quantiles(s, n=4, method="inclusive")
-        iqr = q[2] - q[0]
-    else:
-        iqr = 0.0
     lo, hi = median_ci(s)
-    return {"median": statistics.median(s), "iqr": iqr, "min": s[0], "count": float(len(s)),
+    return {"median": statistics.median(s), "iqr": iqr(s), "min": s[0], "count": float(len(s)),
             "ci_lo": lo, "ci_hi": hi}
 
 

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pipeline import record as R
 
 CONFIDENCE = 0.95
+Z95 = 1.959964        # the normal quantile of a two-sided 95 % interval
 WAIT_FRAC = 0.05      # a call whose threads waited on the run queue over 5 % of its wall time
 MIN_CLEAN = 6         # clean samples needed to leave contaminated ones out (a 95 % CI needs 6) ...
 CLEAN_SHARE = 0.5     # ... and the share of all samples they must be
@@ -175,11 +176,19 @@ class Assessment:
         return (self.ci_hi - self.ci_lo) / 2 / self.median if self.median > 0 else math.inf
 
 
-def _iqr(s: Sequence[float]) -> float:
+def iqr(s: Sequence[float]) -> float:
+    """Interquartile range (0 below 2 samples)."""
     if len(s) < 2:
         return 0.0
     q = statistics.quantiles(s, n=4, method="inclusive")
     return q[2] - q[0]
+
+
+def log_sigma(lo: float, hi: float) -> float:
+    """σ of log(value) from its 95 % interval [lo, hi] (log-normal); NaN without a usable one."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 or hi < lo:
+        return math.nan
+    return math.log(hi / lo) / (2 * Z95)
 
 
 def usable_samples(t: Timing) -> tuple[list[float], int, bool]:
@@ -230,7 +239,7 @@ def assess(t: Timing) -> Assessment:
         reasons_u.append(f"step of {step:+.0%} between the halves of the series")
     label = CONTAMINATED if reasons_c else UNSTABLE if reasons_u else STABLE
     return Assessment(label=label, reason="; ".join(reasons_c + reasons_u), median=med, ci_lo=lo, ci_hi=hi,
-                      iqr=_iqr(used), minimum=min(used), used=len(used), excluded=excluded)
+                      iqr=iqr(used), minimum=min(used), used=len(used), excluded=excluded)
 
 
 def noise_reached(t: Timing, target: float) -> bool:

@@ -26,13 +26,12 @@ from pipeline.compare.stats import (
     QUALITY_FLOOR,
     RUN_NOISE,
     THRESHOLD,
-    Z95,
     judge,
-    log_sigma,
     mann_whitney_p,
     z_p,
 )
 from pipeline.schema import SWITCH, TIMING, role
+from pipeline.stability import Z95, log_sigma
 
 
 @dataclass(frozen=True)

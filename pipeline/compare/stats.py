@@ -1,5 +1,5 @@
-"""The comparison's statistics (pipeline/compare): a median's σ in log from its 95 % CI, the
-tests, and the verdict rule.
+"""The comparison's statistics (pipeline/compare): its constants, the tests and the verdict rule
+(a median's σ in log from its 95 % CI is pipeline/stability.py log_sigma).
 
     judge(ratio, ci_lo, ci_hi, p, threshold=0.05, alpha=0.05)   # slower, faster or same
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-Z95 = 1.959964
 THRESHOLD = 0.05    # changes inside ±5 % are `same` (criterion.rs' noise threshold)
 ALPHA = 0.05        # significance level of the test
 RUN_NOISE = 0.02    # σ of log(median) between two runs of one cell, when no rounds measure it
@@ -17,13 +16,6 @@ NU0 = 4             # degrees of freedom the pooled σ_run weighs against a cell
 MEM_FLOOR_MB = 2.0  # peak-memory changes under 2 MiB are `same`: RSS moves in 2 MiB transparent huge pages
 QUALITY_FLOOR = 1e-3  # quality changes under 0.001 (nats of loss, or relative error) are `same`
 VERDICTS = ("slower", "faster", "same", "unstable", "missing")
-
-
-def log_sigma(lo: float, hi: float) -> float:
-    """σ of log(median) from its 95 % CI; NaN without a usable CI."""
-    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 or hi < lo:
-        return math.nan
-    return math.log(hi / lo) / (2 * Z95)
 
 
 def mann_whitney_p(a: Sequence[float], b: Sequence[float]) -> float:

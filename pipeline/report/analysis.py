@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from pipeline.report.format import span
+from pipeline.stability import Z95
 
 FIT_POINTS = 3  # exponents are fitted over this many of the largest lengths that ran ok
 
 
 BOOTSTRAP_DRAWS = 2000
-Z95 = 1.959964
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from pipeline import record as R
 from pipeline.report.analysis import truthy
 from pipeline.report.format import fmt_n
 from pipeline.report.lines import MODEL, SCENARIO, SEQ_LEN, STATUS, Line, varying_axes
+from pipeline.stability import Z95
 
 D_COL, H_COL, B_COL = (R.col(k, "param") for k in (R.D_MODEL, R.N_HEADS, R.BATCH_SIZE))
 CAUSAL_COL, FWDBWD_COL = R.col(R.CAUSAL, "param"), R.col(R.KERNEL_FWDBWD, "param")
@@ -169,7 +170,7 @@ def fit_time_intervals(n, D, B, t_ms, lo=None, hi=None, causal: bool = True, dra
     if lo is not None and hi is not None:
         lo_a, hi_a = _arrays(lo, hi)
         ok = np.isfinite(lo_a) & np.isfinite(hi_a) & (lo_a > 0) & (hi_a >= lo_a)
-        sigma[ok] = np.log(hi_a[ok] / lo_a[ok]) / (2 * 1.959964)
+        sigma[ok] = np.log(hi_a[ok] / lo_a[ok]) / (2 * Z95)
     rng = np.random.default_rng(seed)
     a_s, b_s = [], []
     for _ in range(draws):
