@@ -1,23 +1,20 @@
-"""The two sides of a comparison and its rows (pipeline/compare): a sweep loaded as a `Side`,
-cells matched by their identity (axes, length, seed; not the round, timing settings or
-switches; less `--ignore`d axes), each figure measured on both sides (`Measured`, rounds pooled)
-and judged (`compare_figure`).
+"""The rows of a comparison (pipeline/compare): the figures compared, each measured on both
+sides of a matched cell (`Measured`, rounds pooled; the sides themselves in sides.py) and judged
+(`compare_figure`), and `compare` over two sides.
 
     cmp = compare(load_side("exp-a", uri), load_side("20261207-050837-fc748b", uri)); cmp.rows
 """
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from pipeline import record as R
+from pipeline.compare.sides import ROUND_COL, Side, cells_of, identity_keys, norm, read_calls
 from pipeline.compare.stats import (
     ALPHA,
     DRIFT,
@@ -30,7 +27,6 @@ from pipeline.compare.stats import (
     mann_whitney_p,
     z_p,
 )
-from pipeline.schema import SWITCH, TIMING, role
 from pipeline.stability import Z95, log_sigma
 
 
@@ -63,131 +59,8 @@ FIGURES = (
            floor=QUALITY_FLOOR),
 )
 BY_NAME = {f.name: f for f in FIGURES}
-ROUND_COL = R.col(R.ROUND, "param")
 # the config keys (pipeline/schema.py) that name a cell's variant, scenario and task, as param columns
 MODEL_P, SCENARIO_P, TASK_P = (R.col(k, "param") for k in ("model.name", "scenario.name", "task.name"))
-
-
-# ----------------------------------------------------------------------------- one side
-@dataclass
-class Side:
-    """One sweep (or experiment) as the comparison reads it."""
-
-    spec: str
-    uri: str
-    experiment: str
-    sweep_id: str | None
-    frame: pd.DataFrame
-    notes: list[str] = field(default_factory=list)
-
-    def machines(self) -> list[str]:
-        cols = [c for c in (R.col(R.DEVICE_NAME), R.col(R.HOST)) if c in self.frame]
-        if not cols:
-            return ["unknown machine"]
-        f = self.frame[cols].fillna("?").astype(str)
-        return sorted({" on ".join(r) for r in f.itertuples(index=False)})
-
-    def devices(self) -> set[str]:
-        col = R.col(R.DEVICE_NAME)
-        return set(self.frame[col].dropna().astype(str)) if col in self.frame else set()
-
-    def commits(self) -> list[str]:
-        col = R.col(R.GIT_SHA)
-        return sorted(set(self.frame[col].dropna().astype(str))) if col in self.frame else []
-
-
-def load_side(spec: str, uri: str | None) -> Side:
-    """An experiment named `spec`, else the sweep whose id is `spec` (in whichever experiment)."""
-    from mlflow.tracking import MlflowClient
-
-    from pipeline.report.load import load_runs, redact_uri, tracking_uri
-
-    uri = tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
-    if client.get_experiment_by_name(spec) is not None:
-        t = load_runs(spec, None, uri)
-    else:
-        if "'" in spec:
-            raise ValueError(f"{spec!r} contains a quote")
-        exps = client.search_experiments()
-        hits = client.search_runs([e.experiment_id for e in exps], f"{R.col(R.SWEEP_ID)} = '{spec}'",
-                                  max_results=1) if exps else []
-        if not hits:
-            raise ValueError(f"{spec!r} is neither an experiment nor a sweep id in {redact_uri(uri)}")
-        t = load_runs(client.get_experiment(hits[0].info.experiment_id).name, spec, uri)
-    return Side(spec, redact_uri(uri), t.experiment, t.sweep_id, t.frame, list(t.notes))
-
-
-def identity_keys(frame: pd.DataFrame, ignore: Sequence[str] = ()) -> list[str]:
-    """The param columns that say what a cell measures: axes, the length and replicates other
-    than the round (not timing settings, switches, or params the cell adds such as the machine's
-    GEMM peak), less the ignored axes (a prefix ignores a group: `trainer`)."""
-    keys = []
-    for c in frame.columns:
-        if not c.startswith(R.col("", "param")) or c == ROUND_COL:
-            continue
-        key = c[len(R.col("", "param")):]
-        r = role(key)
-        if r in (None, TIMING, SWITCH) or any(key == g or key.startswith(g + ".") for g in ignore):
-            continue
-        keys.append(c)
-    return sorted(keys)
-
-
-def _norm(v) -> str:
-    """A param value as matching compares it: 64, 64.0 and "64" alike; absent is ""."""
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    return str(int(f)) if f.is_integer() else repr(f)
-
-
-def cells_of(frame: pd.DataFrame, keys: Sequence[str]) -> dict[tuple, pd.DataFrame]:
-    """Identity -> the cell's runs (its rounds, or one run)."""
-    if frame.empty:
-        return {}
-    if not keys:
-        return {(): frame}
-    ident = pd.Series([tuple(_norm(v) for v in row) for row in frame[list(keys)].itertuples(index=False)],
-                      index=frame.index)
-    return {k: g for k, g in frame.groupby(ident, sort=False)}
-
-
-# ----------------------------------------------------------------------------- calls
-def read_calls(run: dict, fig: Figure, cache: dict) -> list[float] | None:
-    """The raw calls behind a run's figure: the ones its median used (disturbed calls left out as
-    the measurement left them out). None when the run has no such artifact."""
-    from pipeline.stability import Timing, usable_samples
-
-    if fig.calls is None or not isinstance(run.get("artifact_uri"), str):
-        return None
-    name, key = fig.calls
-    where = (run["artifact_uri"], name)
-    if where not in cache:
-        cache[where] = _read_artifact(*where)
-    payload = cache[where]
-    if payload is None:
-        return None
-    part = payload.get(key) if key else payload
-    if not isinstance(part, dict) or not part.get("ms"):
-        return None
-    used, _, _ = usable_samples(Timing(ms=list(part["ms"]), wait=list(part.get("wait") or [])))
-    return used
-
-
-def _read_artifact(artifact_uri: str, name: str):
-    parts = urlsplit(artifact_uri)
-    try:
-        if parts.scheme in ("", "file"):
-            return json.loads((Path(unquote(parts.path)) / name).read_text())
-        import mlflow
-
-        return json.loads(Path(mlflow.artifacts.download_artifacts(f"{artifact_uri}/{name}")).read_text())
-    except (OSError, ValueError, Exception):  # noqa: BLE001 - a missing artifact means no raw calls
-        return None
 
 
 # ----------------------------------------------------------------------------- one figure of one cell
@@ -237,7 +110,7 @@ def measure_side(runs: list[dict], fig: Figure, cache: dict | None) -> Measured 
     within = math.sqrt(float(np.mean(np.square(sig)))) / math.sqrt(len(use)) if sig else math.nan
     calls = None
     if cache is not None and fig.calls:
-        got = [read_calls(r, fig, cache) for r in use]
+        got = [read_calls(r, fig.calls, cache) for r in use]
         calls = [x for g in got if g for x in g] or None
     methods = {str(r.get(c)) for r in use for c in (R.col(R.MEMORY_METHOD), R.col(R.INFER_MEMORY_METHOD))
                if isinstance(r.get(c), str)}
@@ -356,9 +229,9 @@ def _varying(frame: pd.DataFrame, keys: Sequence[str]) -> dict[tuple, set[str]]:
              and not (k.startswith(R.col("task.", "param")) and k != TASK_P)]
     by = [c for c in (MODEL_P, SCENARIO_P) if c in frame]
     if not by:
-        return {(): {k for k in shown if frame[k].map(_norm).nunique() > 1}}
-    return {tuple(_norm(v) for v in (g if isinstance(g, tuple) else (g,))):
-            {k for k in shown if part[k].map(_norm).nunique() > 1}
+        return {(): {k for k in shown if frame[k].map(norm).nunique() > 1}}
+    return {tuple(norm(v) for v in (g if isinstance(g, tuple) else (g,))):
+            {k for k in shown if part[k].map(norm).nunique() > 1}
             for g, part in frame.groupby(by, dropna=False)}
 
 

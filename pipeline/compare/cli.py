@@ -30,7 +30,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.compare.cells import FIGURES, compare, load_side
+from pipeline.compare.cells import FIGURES, compare
+from pipeline.compare.sides import load_side
 from pipeline.compare.stats import ALPHA, DRIFT, RUN_NOISE, THRESHOLD
 
 
