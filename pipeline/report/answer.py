@@ -2,7 +2,7 @@
 kernel cells over lengths n, widths D and head counts H (`grid=theory`). Each classic claim gets
 a row with a verdict computed from the cells with the thresholds below, and the numbers behind
 it; then the two-term fits (pipeline/report/theory.py), where their terms cross, memory, and the
-two worked configurations of conf/experiment/.
+two worked configurations of conf/experiment/ (those tables: pipeline/report/theory_tables.py).
 
     section_answer(doc, cells, colours, out)   # writes nothing unless ok kernel cells span 2 widths
 """
@@ -14,15 +14,10 @@ import numpy as np
 import pandas as pd
 
 from pipeline import record as R
-from pipeline.analytic import score_macs
-from pipeline.report.analysis import FIT_POINTS, crossover, fit_power_law, truthy
+from pipeline.report.analysis import FIT_POINTS, fit_power_law, truthy
 from pipeline.report.document import Doc
-from pipeline.report.figures import plot_two_term
-from pipeline.report.format import MISSING, fmt, sci
-from pipeline.report.lines import FLAG, SEQ_LEN, STATUS
+from pipeline.report.format import MISSING, fmt
 from pipeline.report.theory import (
-    BOOT_DRAWS,
-    D_COL,
     PROJ_FLOPS_PER_UNIT,
     SCORE_FLOPS_PER_UNIT,
     Analysis,
@@ -30,9 +25,23 @@ from pipeline.report.theory import (
     analyse,
     theory_groups,
 )
+from pipeline.report.theory_tables import (
+    MIB,
+    SEEDS,
+    cell_at,
+    crossovers_table,
+    ends,
+    fits_table,
+    memory_table,
+    or_reason,
+    pct,
+    ratio_text,
+    seed_rows,
+    seeds_table,
+    two_term_figure,
+)
 from pipeline.report.verdicts import FAILS, HOLDS, combine_verdicts, interval_verdict
 
-MIB = 2**20
 # the thresholds of the verdicts
 R2_MIN = 0.99          # the two-term model holds when it explains this much of the variance ...
 RESIDUAL_MAX = 0.30    # ... and misses no cell by more than this (relative residual)
@@ -41,38 +50,7 @@ WORK_FACTOR_TOL = 2.0  # 16× the length: the measured mixing ratio within 2× o
 HEAD_EXP_TOL = 0.25    # heads keep the complexity: exponents in n across H within 0.25
 P_ZERO = 0.05          # p ≈ 0: the n² term under 5 % of the fitted peak at the largest n
 MIN_CELLS = 6          # a verdict on the fit needs twice as many cells as its 3 parameters
-SEEDS = ((512, 768), (8192, 1024))  # the two worked configurations (conf/experiment/seed_*.yaml)
 GROWTH_TOL = 0.15      # the exponent in n over the largest lengths within this of the claim's order
-MAX_PANELS = 6
-
-
-def _flags(f: pd.DataFrame) -> np.ndarray:
-    """Which of these cells have a run whose timings are not `stable`."""
-    return f["flagged"].fillna(False).to_numpy(bool) if "flagged" in f else np.zeros(len(f), bool)
-
-
-def _or_reason(fit, text) -> str:
-    return f"no fit: {fit.reason}" if isinstance(fit, Refusal) else text(fit)
-
-
-def _pct(x: float | None) -> str:
-    return MISSING if x is None or not np.isfinite(x) else f"{100 * x:.0f} %"
-
-
-def _ratio(x: float) -> str:
-    return f"{x:,.0f}×" if x >= 10 else f"{x:.2f}×"
-
-
-def _range(ci) -> str:
-    """` [lo, hi]` of a 95 % interval, or nothing."""
-    if ci is None or not all(np.isfinite(ci)):
-        return ""
-    return f" [{fmt(ci[0])}, {fmt(ci[1])}]"
-
-
-def _cell(f: pd.DataFrame, n: float, D: float):
-    hit = f[(f["n"] == n) & (f["D"] == D)]
-    return hit.iloc[0] if len(hit) else None
 
 
 # ----------------------------------------------------------------------------- the claims
@@ -82,31 +60,24 @@ def claim_fit(an: Analysis) -> tuple[str, str]:
         return f"not measured: {ft.reason}", ""
     if ft.cells < MIN_CELLS:
         return f"not measured: {ft.cells} cells, a verdict needs {MIN_CELLS}", f"R² = {ft.r2:.4f}"
-    held = _or_reason(an.held, lambda h: f"n = {h.n:,} held out and predicted within {_pct(h.worst)}")
+    held = or_reason(an.held, lambda h: f"n = {h.n:,} held out and predicted within {pct(h.worst)}")
     # each cell's residual over its median's CI: a cell misses only if its whole interval does
     verdicts = [HOLDS if ft.r2 >= R2_MIN else FAILS]
     t = an.fit_cells.dropna(subset=["fwd"])
     for _, r in t.iterrows():
         pred = float(ft.predict(r["n"], r["D"], r["B"]))
-        lo, hi = _ends(r, "fwd")
+        lo, hi = ends(r, "fwd")
         res = (pred / hi - 1, pred / lo - 1) if np.isfinite(lo) else (pred / r["fwd"] - 1,) * 2
         verdicts.append(interval_verdict(res[0], res[1], -RESIDUAL_MAX, RESIDUAL_MAX))
     misses = sum(v == FAILS for v in verdicts[1:])
-    return combine_verdicts(verdicts), (f"R² = {ft.r2:.4f}, worst residual {_pct(ft.worst)} over {ft.cells} cells"
+    return combine_verdicts(verdicts), (f"R² = {ft.r2:.4f}, worst residual {pct(ft.worst)} over {ft.cells} cells"
                                         + (f" ({misses} beyond {RESIDUAL_MAX:.0%} over their CIs)" if misses else "")
                                         + f"; {held}")
 
 
-def _ends(r, col: str) -> tuple[float, float]:
-    """A cell's 95 % interval of a timed median (NaN, NaN where it has none)."""
-    lo, hi = r.get(f"{col}_lo", np.nan), r.get(f"{col}_hi", np.nan)
-    ok = np.isfinite(lo) and np.isfinite(hi) and 0 < lo <= hi
-    return (float(lo), float(hi)) if ok else (np.nan, np.nan)
-
-
 def _mix_interval(r) -> tuple[float, float]:
     """The mixing's interval, forward minus projections, from both medians' CIs."""
-    (flo, fhi), (plo, phi) = _ends(r, "fwd"), _ends(r, "proj")
+    (flo, fhi), (plo, phi) = ends(r, "fwd"), ends(r, "proj")
     return flo - phi, fhi - plo
 
 
@@ -115,16 +86,16 @@ def claim_share(an: Analysis, ratio: float, part: str, where: str) -> tuple[str,
     D, with its interval from the forward's and the projections' CIs, against DOMINANT."""
     f, verdicts, texts = an.fit_cells, [], []
     for D in sorted(f["D"].unique()):
-        r = _cell(f, ratio * D, D)
+        r = cell_at(f, ratio * D, D)
         if r is None or not (np.isfinite(r["fwd"]) and np.isfinite(r["proj"])):
             continue
-        (flo, fhi), (plo, phi) = _ends(r, "fwd"), _ends(r, "proj")
+        (flo, fhi), (plo, phi) = ends(r, "fwd"), ends(r, "proj")
         if part == "mix" and not np.isfinite(r["mix"]):
             share, lo, hi, txt = 0.0, 0.0, 0.05, "under 5 %"  # kernel/mix_ms is logged only above 5 % of the forward
         else:
             share = r[part] / r["fwd"]
             lo, hi = (1 - phi / flo, 1 - plo / fhi) if part == "mix" else (plo / fhi, phi / flo)
-            txt = _pct(share) + (f" [{_pct(lo)}, {_pct(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else "")
+            txt = pct(share) + (f" [{pct(lo)}, {pct(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else "")
         if not (np.isfinite(lo) and np.isfinite(hi)):
             lo = hi = share
         verdicts.append(interval_verdict(lo, hi, DOMINANT, np.inf))
@@ -155,11 +126,11 @@ def claim_work_factor(an: Analysis) -> tuple[str, str]:
             if not (np.isfinite(r_lo) and np.isfinite(r_hi)):
                 r_lo = r_hi = mix
             verdicts.append(interval_verdict(r_lo, r_hi, 256 / WORK_FACTOR_TOL, 256 * WORK_FACTOR_TOL))
-            mix_txt = f"mixing {_ratio(mix)}" + (f" [{_ratio(r_lo)}, {_ratio(r_hi)}]" if r_lo != r_hi else "")
+            mix_txt = f"mixing {ratio_text(mix)}" + (f" [{ratio_text(r_lo)}, {ratio_text(r_hi)}]" if r_lo != r_hi else "")
         else:
             mix_txt = "mixing under 5 % of the forward at n"
         texts.append(f"D = {D:,.0f}, n {n:,.0f} → {16 * n:,.0f}: {mix_txt}, whole layer "
-                     f"{_ratio(hi['fwd'] / lo['fwd'])} (its analytic work {_ratio(work)})")
+                     f"{ratio_text(hi['fwd'] / lo['fwd'])} (its analytic work {ratio_text(work)})")
     if not verdicts:
         why = "no width with both n and 16n timed and the mixing separable at both"
         return f"not measured: {why}", "; ".join(texts)
@@ -200,7 +171,7 @@ def claim_growth(an: Analysis) -> tuple[str, str]:
         why = ""
         if order < 2 - GROWTH_TOL:
             top = max(fit.lengths)
-            why = (f"; at n ≤ {top:,} the projections are still {_pct(1 - share)} of the time, so the "
+            why = (f"; at n ≤ {top:,} the projections are still {pct(1 - share)} of the time, so the "
                    f"growth there is {order:.2f}, not yet n²")
         texts.append(f"D = {D:,.0f}: exponent {fit.describe()} over n = {fit.lengths[0]:,}…{fit.lengths[-1]:,}, "
                      f"the claim's order there {order:.2f} ({v}){why}")
@@ -226,7 +197,7 @@ def claim_heads(an: Analysis) -> tuple[str, str]:
     fits = {h: _fit_with_ci(g) for h, g in at.groupby("H")}
     t = at[at["n"] == max(common)].set_index("H")["fwd"]
     spread = (f"what heads change, the time at n = {max(common):,.0f}: {fmt(t.min())}–{fmt(t.max())} ms, "
-              f"spread {_ratio(t.max() / t.min())} (fastest H = {t.idxmin():.0f})")
+              f"spread {ratio_text(t.max() / t.min())} (fastest H = {t.idxmin():.0f})")
     verdicts = []
     hs = sorted(fits)
     for i, a in enumerate(hs):
@@ -263,24 +234,7 @@ def claim_memory(an: Analysis) -> tuple[str, str, str]:
     ok = share >= DOMINANT if mat else share < P_ZERO
     return claim, (HOLDS if ok else FAILS), (
         f"p = {fmt(fm.p * MIB)} B per score entry, q = {fmt(fm.q * MIB)} B per n·D element; the n² "
-        f"term is {_pct(share)} of the fitted peak at n = {top['n']:,.0f}, D = {top['D']:,.0f}")
-
-
-def seed_rows(an: Analysis) -> list[dict]:
-    """The two worked configurations as this group recorded them (any status)."""
-    rows = []
-    for n, D in SEEDS:
-        rec = an.line.rows[(an.line.rows[SEQ_LEN] == n) & (an.line.rows[D_COL] == D)]
-        r = _cell(an.cells, n, D) if (rec[STATUS] == "ok").any() else None
-        why = rec.get(R.col(R.FAILURE_REASON), pd.Series(dtype=str)).dropna()
-        status = "ok" if r is not None else (", ".join(sorted(set(rec[STATUS]))) or "not in the grid")
-        if r is None and len(why) and str(why.iloc[0]):
-            status += f": {why.iloc[0]}"
-        pred = None if isinstance(an.time, Refusal) else float(an.time.predict(n, D))
-        rows.append({"n": n, "D": D, "status": status, "pred": pred, "flagged": r is not None and bool(r.get("flagged")),
-                     "fwd": None if r is None else r["fwd"], "mem": None if r is None else r["mem"],
-                     "fwd_ci": (np.nan, np.nan) if r is None else _ends(r, "fwd")})
-    return rows
+        f"term is {pct(share)} of the fitted peak at n = {top['n']:,.0f}, D = {top['D']:,.0f}")
 
 
 def claim_seeds(an: Analysis) -> tuple[str, str]:
@@ -355,122 +309,10 @@ def section_answer(doc: Doc, cells: pd.DataFrame, colours: dict, out: Path) -> N
                      f"n² term ≥ {DOMINANT:.0%} (materialised) or < {P_ZERO:.0%} (p ≈ 0) of the fitted peak"])
     if rows:
         doc.table(["claim", "variant", "verdict", "measured", "criterion"], rows)
-    _figure(doc, exact + [an for an in analyses if an not in exact], out)
-    _fits(doc, analyses)
-    _crossovers(doc, analyses)
-    _memory(doc, analyses)
-    _seeds(doc, exact)
+    two_term_figure(doc, exact + [an for an in analyses if an not in exact], out)
+    fits_table(doc, analyses)
+    crossovers_table(doc, analyses)
+    memory_table(doc, analyses)
+    seeds_table(doc, exact)
 
 
-def _figure(doc: Doc, analyses: list[Analysis], out: Path) -> None:
-    panels = []
-    for an in analyses[:MAX_PANELS]:
-        series = []
-        for D, g in an.fit_cells.dropna(subset=["fwd"]).groupby("D"):
-            s = {"D": D, "n": g["n"].to_numpy(), "t": g["fwd"].to_numpy(), "flagged": _flags(g)}
-            if not isinstance(an.time, Refusal):
-                grid = np.geomspace(g["n"].min(), g["n"].max(), 40)
-                score, proj, const = an.time.parts(grid, D)
-                s.update(grid=grid, score=score, proj=proj, total=score + proj + const)
-            series.append(s)
-        if series:
-            panels.append({"title": an.line.label, "series": series})
-    path = plot_two_term(panels, out / "theory_two_term.png")
-    if path:
-        doc.figure(path, "Forward time vs n, one colour per width D: measured medians (points), "
-                         "the fitted a·n²·D + b·n·D² + c (solid) and its two terms (dashed: scores, "
-                         "dotted: projections)")
-
-
-def _fits(doc: Doc, analyses: list[Analysis]) -> None:
-    doc.h(3, "The two-term fit")
-    rows = []
-    for an in analyses:
-        ft = an.time
-        bad = int(_flags(an.fit_cells).sum())
-        head = [an.line.label, (f"{len(an.fit_cells)} (d_k = {an.head_dim:g})" + (f", {bad} {FLAG}" if bad else ""))
-                if len(an.cells) else "0"]
-        if isinstance(ft, Refusal):
-            rows.append(head + [f"no fit: {ft.reason}"] + [MISSING] * 5)
-            continue
-        held = _or_reason(an.held, lambda h: f"n = {h.n:,}: worst {_pct(h.worst)} ("
-                          + ", ".join(f"D = {d:,}: {e:+.0%}" for d, e in h.errors) + ")")
-        iv = an.intervals
-        rows.append(head + [fmt(ft.score_gflops()) + _range(iv.score_gflops() if iv else None) if ft.a > 0
-                            else "0 (no n²·D term)",
-                            fmt(ft.proj_gflops()) + _range(iv.proj_gflops() if iv else None) if ft.b > 0
-                            else "0 (no n·D² term)",
-                            fmt(ft.c), f"{ft.r2:.4f}", _pct(ft.worst), held])
-    doc.p("In brackets: 95 % intervals from a bootstrap (cells resampled with replacement, each median "
-          f"moved within its own CI, the fit repeated {BOOT_DRAWS} times). {FLAG}: cells of the fit whose "
-          "timings are not `stable` (section 6; red rings in the figure above).")
-    doc.table(["variant", "cells (head dim)", "score term GFLOP/s", "projection term GFLOP/s", "c (ms)",
-               "R²", "worst residual", "held out: largest n predicted from the rest"], rows)
-
-
-def _crossovers(doc: Doc, analyses: list[Analysis]) -> None:
-    doc.h(3, "Where the two terms cross")
-    doc.p("Predicted: n*(D) = (b/a)·D, where a·n²·D = b·n·D². Measured: the n beyond which "
-          f"`{R.KERNEL_PROJ_MS}` (the projections run alone) stays below `{R.KERNEL_MIX_MS}` (the "
-          "forward minus them), interpolated in log-log space; where the mixing is under 5 % of the "
-          "forward (no `kernel/mix_ms`) it is taken as 5 %, an upper bound.")
-    rows = []
-    for an in analyses:
-        if isinstance(an.time, Refusal):
-            continue
-        for D, g in an.fit_cells.dropna(subset=["fwd", "proj"]).groupby("D"):
-            if len(g) < 2:  # one length: nothing to cross
-                continue
-            pred = an.time.crossover_n(D)
-            pred_ci = an.intervals.crossover_n(D) if an.intervals and pred else None
-            mix = g["mix"].where(g["mix"].notna(), 0.05 * g["fwd"])
-            co = crossover(g["n"], g["proj"], mix)
-            measured = {"crosses": f"n ≈ {fmt(co.n)}", "below at every n": "mixing dominates at every n measured",
-                        "not reached": "projections dominate at every n measured"}.get(co.verdict, MISSING)
-            measured += FLAG if _flags(g).any() else ""
-            rows.append([an.line.label, f"{D:,.0f}", f"n* ≈ {fmt(pred)}{_range(pred_ci)}" if pred
-                         else "never (a term fitted 0)",
-                         measured])
-    if rows:
-        doc.table(["variant", "D", "predicted (b/a)·D", "measured (projections vs mixing)"], rows)
-    else:
-        doc.p(f"No time fit with `{R.KERNEL_PROJ_MS}` logged.")
-
-
-def _memory(doc: Doc, analyses: list[Analysis]) -> None:
-    doc.h(3, "Memory")
-    doc.p(f"`{R.KERNEL_PEAK_MEM_MB}` fitted to p·H·n² + q·n·D + r (non-negative, relative weights "
-          "floored at 1 MiB): p per score entry (H per pair of positions, so at one H this is the "
-          "p·n² of the claim), q per element of an n×D activation. A materialised fp32 score matrix "
-          "costs p ≈ 4 B per entry for each copy alive; memory-efficient exact attention should give p ≈ 0.")
-    rows = []
-    for an in analyses:
-        fm, f = an.memory, an.fit_cells.dropna(subset=["mem"])
-        if isinstance(fm, Refusal):
-            rows.append([an.line.label, f"no fit: {fm.reason}"] + [MISSING] * 5)
-            continue
-        top = f.sort_values(["n", "D"]).iloc[-1]
-        rows.append([an.line.label, fmt(fm.p * MIB), fmt(fm.q * MIB), fmt(fm.r), f"{fm.r2:.4f}", _pct(fm.worst),
-                     f"{_pct(fm.n2_share(top['n'], top['D'], top['H'], top['B']))} "
-                     f"(n = {top['n']:,.0f}, D = {top['D']:,.0f})"])
-    doc.table(["variant", "p (B per score entry)", "q (B per n·D element)", "r (MiB)", "R²",
-               "worst residual", "n² term of the fitted peak, largest n"], rows)
-
-
-def _seeds(doc: Doc, exact: list[Analysis]) -> None:
-    doc.h(3, "The two worked configurations")
-    rows = []
-    for an in exact:
-        for r in seed_rows(an):
-            n, D = r["n"], r["D"]
-            rows.append([an.line.label, f"{n:,}", f"{D:,}", sci(score_macs(n, D)), sci(4 * n * D * D),
-                         r["status"], fmt(r["fwd"]) + (FLAG if r["flagged"] else ""), fmt(r["pred"]),
-                         fmt(r["mem"])])
-    if not rows:
-        doc.p("No exact variant among the fitted kernel cells.")
-        return
-    doc.p("The seed's figures (conf/experiment/seed_512x768.yaml, seed_8192x1024.yaml; 16× the "
-          "length, 256× the score work at equal width): analytic multiply-adds of one forward (B = 1) "
-          "next to what this machine measured, and what the two-term fit predicts there.")
-    doc.table(["variant", "n", "D", "score multiply-adds n²·D", "projection multiply-adds 4·n·D²",
-               "status", "forward ms", "fit predicts ms", "peak MiB"], rows)
