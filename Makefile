@@ -80,9 +80,9 @@ overhead: install ## the harness's per-cell overhead, spawn vs fork, and the pip
 report: install ## report of experiment EXP (latest run per cell) into reports/
 	$(BIN)/python -m pipeline.report --experiment $(EXP) $(ARGS)
 
-ui: install ## MLflow UI on 127.0.0.1:$(PORT) over the project's store; prints the latest sweep's addresses
+ui: install ## MLflow UI on 127.0.0.1:$(PORT) over the project's store, opening on the runs; prints the latest sweep's addresses
 	-$(BIN)/python -m pipeline.ui --experiment $(EXP) --port $(PORT)
-	$(BIN)/mlflow ui --host 127.0.0.1 --port $(PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}
+	$(BIN)/mlflow ui --app-name attnbench --host 127.0.0.1 --port $(PORT) --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}
 
 install-server: install ## add the `server` extra to .venv: the PostgreSQL driver (psycopg 3) that make server needs for a postgresql:// store
 	$(BIN)/pip install -q $(TORCH_CONSTRAINT) -e '.[server]' --config-settings editable_mode=compat 2>&1 | grep -v "is ignored: it is neither" || true

@@ -76,7 +76,14 @@ echo "then run sweeps with tracking=server. Ctrl-C stops the server."
 # The server's background job runner (huey consumers, for MLflow's GenAI features) is not used by
 # attnbench and costs several processes: off unless the caller turned it on.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
-exec "$mlflow" server \
+# attnbench's app (pipeline/ui_app.py) where this Python has it: MLflow's own, with a UI that
+# opens an experiment on its runs rather than on the GenAI overview
+app=()
+if "$(dirname "$mlflow")/python" -c "import sys; from importlib.metadata import entry_points; \
+    sys.exit(not any(e.name == 'attnbench' for e in entry_points(group='mlflow.app')))" 2>/dev/null; then
+  app=(--app-name attnbench)
+fi
+exec "$mlflow" server "${app[@]}" \
   --host "$host" --port "$port" --workers "$workers" \
   --backend-store-uri "$backend" \
   --serve-artifacts --artifacts-destination "$artifacts"

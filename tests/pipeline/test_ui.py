@@ -1,8 +1,11 @@
 """The MLflow UI opens where a user wants it, checked in headless Chromium (Debian's `chromium`):
 the address `make ui` prints for the latest sweep shows its cells as rows with attnbench's metric
-columns, in the UI's model-training view (not the GenAI overview MLflow 3 opens by default)."""
+columns, in the UI's model-training view (not the GenAI overview MLflow 3 opens by default); and
+the front page's experiment link, followed as a newcomer would, opens the runs too."""
 from __future__ import annotations
 
+import html
+import re
 import shutil
 import socket
 import subprocess
@@ -39,8 +42,9 @@ def test_make_ui_address_opens_the_sweep_runs_with_metric_columns(tmp_path):
                  "hydra.sweeper.report=false"], timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     port = _free_port()
+    # as `make ui` starts it: MLflow's app as the attnbench plugin serves it (pipeline/ui_app.py)
     ui = subprocess.Popen([str(REPO_ROOT / ".venv" / "bin" / "mlflow") if (REPO_ROOT / ".venv").exists() else "mlflow",
-                           "ui", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", uri],
+                           "ui", "--app-name", "attnbench", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", uri],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         for _ in range(120):
@@ -57,6 +61,14 @@ def test_make_ui_address_opens_the_sweep_runs_with_metric_columns(tmp_path):
         assert R.KERNEL_FWD_MS in dom, "no attnbench metric column"
         _chromium(f"--screenshot={tmp_path / 'runs.png'}", runs_url)
         assert (tmp_path / "runs.png").stat().st_size > 10_000
+
+        # the front page, as a newcomer opens it: its link to the experiment leads to the runs
+        home = _chromium("--dump-dom", f"http://127.0.0.1:{port}/")
+        link = re.search(r'data-testid="experiment-list-item-link" href="([^"]+)">attnbench<', home)
+        assert link, "the front page lists no attnbench experiment"
+        page = _chromium("--dump-dom", f"http://127.0.0.1:{port}/{html.unescape(link.group(1))}")
+        assert "sweep-custom-" in page, "the experiment link does not open the runs table"
+        assert "No data available" not in page and ">Overview<" not in page, "the experiment link opens the GenAI overview"
     finally:
         subprocess.run(["pkill", "-g", str(ui.pid)], check=False)
         ui.wait(timeout=30)
