@@ -74,6 +74,10 @@ compare-commits: install ## a grid at git ref BASE (a worktree) and at the worki
 	@[ -n "$(BASE)" ] || { echo "make compare-commits: give BASE=<git ref>" >&2; exit 2; }
 	$(BIN)/python -m pipeline.compare.commits --base $(BASE) --grid $(if $(filter command line environment,$(origin GRID)),$(GRID),compare) $(ARGS)
 
+.PHONY: replay
+replay: install ## record the cells a sweep kept in its spool (store unreachable, or tracking=offline), each once: make replay [DIR=<sweep folder>] [ARGS=--uri ...]; every listed spool without DIR
+	$(BIN)/python -m pipeline.replay $(DIR) $(ARGS)
+
 overhead: install ## the harness's per-cell overhead, spawn vs fork, and the pipeline's figures against a bare loop
 	$(BIN)/python -m pipeline.overhead $(ARGS)
 

@@ -13,13 +13,12 @@ import fcntl
 import functools
 import os
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import cluster, tracking
+from pipeline import cluster, spool, tracking
 from pipeline import record as R
 from pipeline.config import Cell
 from pipeline.isolation import isolation_mode, run_isolated
@@ -49,26 +48,32 @@ def _tracker(uri: str, experiment: str) -> tracking.Tracker:
 
 
 def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = False) -> str:
-    """Run and record one cell; returns its status. Raises only for bad config or tracking."""
+    """Run and record one cell; returns its status. Raises only for bad config or tracking. A
+    record the store cannot take goes to the spool (pipeline/spool.py), with one line saying so."""
     t_start = time.perf_counter()
     cell = Cell.of(d)  # validated once; everything below reads this one value
     d, h, fam, name = cell.config, cell.hash, cell.family, cell.name
     tcfg = d.get("tracking") or {}
-    tr = _tracker(tracking.tracking_uri(tcfg.get("uri")), tcfg.get("experiment", "attnbench"))
+    uri, experiment = tracking.tracking_uri(tcfg.get("uri")), tcfg.get("experiment", "attnbench")
+    spool_dir = spool_folder(sweep)
     progress = sweep.progress() if sweep else None
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
+    tr, why_offline = _store(uri, experiment, tcfg, sweep)
 
     if not d.get("overwrite"):
-        prev = tr.find_reusable(h)
-        if prev is not None:
-            if sweep:
-                tr.set_tag(sweep.parent_run_id, f"{R.REUSED_PREFIX}{h}", prev.info.run_id)
+        reused = _reusable(tr, h, spool_dir)
+        if reused is not None:
+            run_id, metrics = reused
+            _note_reuse(tr, sweep, h, run_id, name, uri, experiment, spool_dir)
+            where = f"run {run_id}" if run_id else "spooled, not yet replayed"
             if progress:
-                say(progress.finished(sweep.index, name, "ok", time.perf_counter() - t_start, prev.data.metrics,
-                                      reused=True) + f"  (run {prev.info.run_id})")
+                say(progress.finished(sweep.index, name, "ok", time.perf_counter() - t_start, metrics,
+                                      reused=True) + f"  ({where})")
             else:
-                say(f"[attnbench] {name}: reusing finished run {prev.info.run_id} (config_hash {h}; overwrite=true reruns)")
+                say(f"[attnbench] {name}: reusing finished {where} (config_hash {h}; overwrite=true reruns)")
             return "ok"
+        if tr is not None and tr.down:  # the look-up met an outage: this cell goes to the spool
+            tr, why_offline = None, tr.down
 
     tags = {
         R.MODEL: d["model"]["name"], R.SCENARIO: d["scenario"]["name"], R.TASK: d["task"]["name"],
@@ -78,19 +83,23 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
         tags[R.SWEEP_ID] = sweep.sweep_id
     # on a server, runs come from many hosts: a heartbeat lets any of them clear a run whose process
     # died (an isolated cell only: the beat's thread stays out of a process that measures)
-    beat = tr.uri.startswith(("http://", "https://")) and d.get("isolate", True)
+    beat = tr is not None and uri.startswith(("http://", "https://")) and d.get("isolate", True)
     if beat:
         tags[R.HEARTBEAT] = str(int(time.time()))
-    run_id = tr.create_run(name, tags, sweep.parent_run_id if sweep else None)
+    w = spool.Recorder(tr, spool.RunRecord(kind=spool.CELL, uri=uri, experiment=experiment,
+                                           sweep_id=sweep.sweep_id if sweep else None, name=name, config_hash=h,
+                                           family_hash=fam, seq_len=int(d["seq_len"]), create_tags=tags),
+                       spool_dir, why_offline)
+    run_id = w.create(sweep.parent_run_id if sweep else None)
     # in a SLURM task, a cancel or the time limit stops the cell and is its status
     alive = contextlib.ExitStack()
     alive.enter_context(cluster.stop_on_slurm_signals())
-    if beat:
+    if beat and run_id:
         alive.enter_context(cluster.heartbeat(tr, run_id))
     try:
-        tr.log(run_id, params=cell.params)
-        tr.log_json(run_id, d, "config.json")
-        result = _skip_after_oom(tr, d, sweep, fam)
+        w.log(params=cell.params)
+        w.artifact("config.json", d)
+        result = _skip_after_oom(w, d, sweep, fam, spool_dir)
         if result is None:
             with device_lock(d, say) as waited:
                 t_start += waited()  # another cell's measurement is not this cell's overhead
@@ -100,20 +109,22 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
         scenario_s = result.metrics.get(R.CELL_SCENARIO_S)
         if scenario_s is not None:  # up to the record; the record itself is a few writes more
             result.metrics[R.CELL_OVERHEAD_S] = time.perf_counter() - t_start - scenario_s
-        _record(tr, run_id, result)
+        _record(w, result)
     except cluster.CellStopped as e:  # SLURM cancelled the task or its time is up: recorded, the sweep goes on
         alive.close()
         result = CellResult(status=e.status, failure_reason=e.reason)
-        _record(tr, run_id, result)
-    except BaseException as e:  # interrupted (Ctrl-C) or the tracker failed mid-way: leave no RUNNING run
+        _record(w, result)
+    except BaseException as e:  # interrupted (Ctrl-C) or the tracker refused a write: leave no RUNNING run
         try:
             reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
-            tr.log(run_id, tags={R.STATUS: "error", R.FAILURE_REASON: reason.splitlines()[0][:500]})
-            tr.end_run(run_id, "error")
+            w.log(tags={R.STATUS: "error", R.FAILURE_REASON: reason.splitlines()[0][:500]})
+            w.end("error")
+            w.finish()
         finally:
             raise
     finally:
         alive.close()
+    kept = w.finish()
     if progress:
         say(progress.finished(sweep.index, name, result.status, time.perf_counter() - t_start, result.metrics,
                               reason=result.failure_reason, stability=result.tags.get(R.STABILITY, "")))
@@ -124,7 +135,72 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
         if result.tags.get(R.STABILITY, R.STABLE) != R.STABLE:
             msg += f"; timings {result.tags[R.STABILITY]}: {result.tags.get(R.STABILITY_REASON, '')}"
         say(msg)
+    if kept is not None:
+        say(f"[attnbench] {name}: not in the store ({w.rec.why}); kept in {kept}: make replay records it")
     return result.status
+
+
+def spool_folder(sweep: SweepInfo | None) -> Path:
+    """Where a cell's record waits when the store cannot take it: the sweep's folder, or for a
+    single cell Hydra's output folder of the run."""
+    if sweep is not None and sweep.sweep_dir:
+        return Path(sweep.sweep_dir) / spool.SPOOL
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir) / spool.SPOOL
+    return Path("outputs") / spool.SPOOL
+
+
+def _store(uri: str, experiment: str, tcfg: dict[str, Any], sweep: SweepInfo | None):
+    """The cell's tracker and, where there is none, why: tracking=offline, or a sweep's store that
+    cannot be reached now (a single cell from the command line fails instead, before it measures)."""
+    if tcfg.get("offline"):
+        return None, "tracking=offline"
+    try:
+        tr = _tracker(uri, experiment)
+    except tracking.TrackingError as e:
+        if sweep is None:
+            raise
+        return None, str(e)
+    if tr.down and not tr.reachable():
+        return None, f"tracking store {uri} still unreachable since {tr.down}"
+    return tr, ""
+
+
+def _reusable(tr, h: str, spool_dir: Path) -> tuple[str | None, dict] | None:
+    """An earlier finished ok run of this cell: (its run id, its metrics) from the store, or
+    (None, metrics) from a spool while the store is away; None if there is none."""
+    if tr is not None:
+        try:
+            prev = tr.find_reusable(h)
+        except Exception as e:  # noqa: BLE001
+            if not spool.is_outage(e):
+                raise
+            tr.down = spool.one_line(e)
+        else:
+            return (prev.info.run_id, prev.data.metrics) if prev is not None else None
+    rec = spool.find_ok(list(dict.fromkeys([spool_dir.resolve(), *spool.known_spools()])), h)
+    return (None, rec.metrics) if rec is not None else None
+
+
+def _note_reuse(tr, sweep: SweepInfo | None, h: str, run_id: str | None, name: str, uri: str, experiment: str,
+                spool_dir: Path) -> None:
+    """The sweep's run names the run each reused cell points at (tag reused/<config_hash>);
+    while the store or the sweep's run is away, a small record in the spool does it later."""
+    if sweep is None:
+        return
+    if tr is not None and run_id and sweep.parent_run_id and not tr.down:
+        try:
+            tr.set_tag(sweep.parent_run_id, f"{R.REUSED_PREFIX}{h}", run_id)
+            return
+        except Exception as e:  # noqa: BLE001
+            if not spool.is_outage(e):
+                raise
+            tr.down = spool.one_line(e)
+    spool.write(spool_dir, spool.RunRecord(kind=spool.REUSE, uri=uri, experiment=experiment, sweep_id=sweep.sweep_id,
+                                           name=name, run_id=run_id, parent_run_id=sweep.parent_run_id, config_hash=h,
+                                           status="ok"))
 
 
 @contextlib.contextmanager
@@ -218,27 +294,27 @@ def _attempt_rank(a: CellResult) -> tuple:
     return (a.status != "ok", R.STABILITIES.index(label) if label in R.STABILITIES else 3, widest)
 
 
-def _skip_after_oom(tr, d, sweep, fam) -> CellResult | None:
-    """A longer n of a cell line that already ran out of memory in this sweep is not attempted."""
+def _skip_after_oom(w: spool.Recorder, d, sweep, fam, spool_dir: Path) -> CellResult | None:
+    """A longer n of a cell line that already ran out of memory in this sweep is not attempted
+    (the shorter cell found in the store, or in the spool while it waits there)."""
     if sweep is None:
         return None
-    failed = tr.find_family_oom(sweep.sweep_id, fam, d["seq_len"])
-    if failed is None:
-        return None
-    n = failed.data.params.get(R.SEQ_LEN)
-    return CellResult(status="skipped", failure_reason=f"same cell ran out of memory at n={n} (run {failed.info.run_id})",
-                      tags={R.SKIPPED_AFTER: failed.info.run_id})
+    n = int(d["seq_len"])
+    failed = w.ask(lambda: w.tr.find_family_oom(sweep.sweep_id, fam, n))
+    if failed is not None:
+        at, ref = failed.data.params.get(R.SEQ_LEN), failed.info.run_id
+    else:
+        kept = spool.find_family_oom(spool_dir, sweep.sweep_id, fam, n)
+        if kept is None:
+            return None
+        at, ref = kept.seq_len, kept.run_id or "in the spool"
+    return CellResult(status="skipped", failure_reason=f"same cell ran out of memory at n={at} (run {ref})",
+                      tags={R.SKIPPED_AFTER: ref})
 
 
-def _record(tr, run_id: str, result: CellResult) -> None:
+def _record(w: spool.Recorder, result: CellResult) -> None:
     tags = {**result.tags, R.STATUS: result.status, R.FAILURE_REASON: result.failure_reason[:5000]}
-    tr.log(run_id, params=result.params, tags=tags, metrics=result.metrics, series=result.series)
+    w.log(params=result.params, tags=tags, metrics=result.metrics, series=result.series)
     for name, payload in result.artifacts.items():
-        if isinstance(payload, str):
-            with tempfile.TemporaryDirectory() as tmp:
-                p = Path(tmp) / name
-                p.write_text(payload)
-                tr.log_file(run_id, p)
-        else:
-            tr.log_json(run_id, payload, name)
-    tr.end_run(run_id, result.status)
+        w.artifact(name, payload)
+    w.end(result.status)

@@ -62,6 +62,7 @@ class Tracking:
     uri: Any = _f(None, SWITCH, "MLflow store; null = MLFLOW_TRACKING_URI or <repo>/mlflow.db")
     experiment: str = _f("attnbench", SWITCH, "MLflow experiment name")
     require_server: bool = _f(False, SWITCH, "refuse anything but an http(s) tracking server")
+    offline: bool = _f(False, SWITCH, "write no store: every cell's record waits in the sweep's spool/ for make replay")
 
 
 @dataclass

@@ -16,6 +16,7 @@ same key. With no `grids`, `params` (or just the command line) is one grid, as i
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -30,6 +31,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from pipeline import record as R
+from pipeline import spool
 from pipeline.progress import cell_units
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class GridSweeper(BasicSweeper):
         from pipeline import tracking
         from pipeline.config import ConfigError, to_dict
         from pipeline.devices import cuda_missing, wants_cuda
+        from pipeline.replay import replay_known
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
@@ -104,29 +107,40 @@ class GridSweeper(BasicSweeper):
         if max(rounds_of) > 1:
             jobs, plan = interleave_rounds(jobs, plan, rounds_of)
         tcfg = self.config.get("tracking") or {}
-        try:
-            tr = tracking.Tracker(tracking.tracking_uri(tcfg.get("uri")), tcfg.get("experiment", "attnbench"))
-        except tracking.TrackingError as e:
-            print(f"attnbench: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        orphans = tr.mark_orphans()
-        if orphans:
-            print(f"[attnbench] marked {len(orphans)} orphaned RUNNING run(s) from killed processes as error")
-
+        uri, experiment = tracking.tracking_uri(tcfg.get("uri")), tcfg.get("experiment", "attnbench")
         sweep_dir = Path(self.config.hydra.sweep.dir)
+        spool_dir = sweep_dir / spool.SPOOL
+        tr = None
+        if not tcfg.get("offline"):
+            try:
+                tr = tracking.Tracker(uri, experiment)
+            except tracking.TrackingError as e:
+                print(f"attnbench: error: {e} (tracking=offline keeps every cell in the sweep's folder for "
+                      "`make replay` to record later)", file=sys.stderr)
+                sys.exit(2)
+            # records an earlier sweep could not write go in first: this sweep then reuses those cells
+            replay_known(tr, say=lambda m: print(f"[attnbench] {m}", flush=True))
+            orphans = tr.mark_orphans()
+            if orphans:
+                print(f"[attnbench] marked {len(orphans)} orphaned RUNNING run(s) from killed processes as error")
+
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
         grid_name = (self.config.hydra.runtime.choices or {}).get("grid") or "custom"
         sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        parent = tr.create_run(f"sweep-{grid_name}-{sweep_id}", {
-            R.SWEEP_ID: sweep_id, R.ROLE: R.ROLE_SWEEP, R.GRID: grid_name,
-            R.STATUS: R.RUNNING, **tracking.host_tags()})
-        tr.log(parent, params={R.GRID: grid_name, R.N_CELLS: len(jobs), R.ARGUMENTS: " ".join(arguments)})
-        tr.log_json(parent, {"grids": grids, "arguments": list(arguments), "cells": jobs}, "grid.json")
+        pw = spool.Recorder(tr, spool.RunRecord(
+            kind=spool.SWEEP, uri=uri, experiment=experiment, sweep_id=sweep_id, name=f"sweep-{grid_name}-{sweep_id}",
+            create_tags={R.SWEEP_ID: sweep_id, R.ROLE: R.ROLE_SWEEP, R.GRID: grid_name, R.STATUS: R.RUNNING,
+                         **tracking.host_tags()}, report=self.report), spool_dir)
+        parent = pw.create()
+        pw.log(params={R.GRID: grid_name, R.N_CELLS: len(jobs), R.ARGUMENTS: " ".join(arguments)})
+        pw.artifact("grid.json", {"grids": grids, "arguments": list(arguments), "cells": jobs})
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({
             "sweep_id": sweep_id, "parent_run_id": parent, "sweep_dir": str(sweep_dir.resolve()),
             "started": time.time(), "plan": plan}))
-        print(f"[attnbench] sweep {sweep_id}: {len(jobs)} cells -> experiment '{tr.experiment}' at {tr.uri}", flush=True)
+        where = (f"experiment '{experiment}' at {uri}" if not pw.offline
+                 else f"{spool_dir} ({pw.rec.why}; `make replay` records them in {uri})")
+        print(f"[attnbench] sweep {sweep_id}: {len(jobs)} cells -> {where}", flush=True)
 
         batch_size = self.max_batch_size or len(jobs)
         returns = []
@@ -138,45 +152,92 @@ class GridSweeper(BasicSweeper):
                     _ = r.return_value  # re-raises a job's config/tracking error
                 returns.append(results)
         except BaseException as e:
-            tr.log(parent, tags={R.STATUS: "error", R.FAILURE_REASON: f"{type(e).__name__}: {e}"[:500]})
-            tr.end_run(parent, "error")
+            pw.log(tags={R.STATUS: "error", R.FAILURE_REASON: f"{type(e).__name__}: {e}"[:500]})
+            pw.end("error")
+            pw.finish()
             raise
-        self._finish(tr, parent, sweep_id, len(jobs))
+        if self._finish(tr, pw, spool_dir, [r.return_value for rs in returns for r in rs]):
+            sys.exit(spool.EXIT_WAITING)
         return returns
 
-    def _finish(self, tr, parent: str, sweep_id: str, n_cells: int) -> None:
-        runs = tr.search(f"tags.{R.SWEEP_ID} = '{sweep_id}'")
-        counts: dict[str, int] = {}
-        for r in runs:
-            if r.info.run_id != parent:
-                s = r.data.tags.get(R.STATUS, "unknown")
-                counts[s] = counts.get(s, 0) + 1
-        reused = sum(1 for k in tr.client.get_run(parent).data.tags if k.startswith(R.REUSED_PREFIX))
-        summary = ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
-        tr.log(parent, tags={R.STATUS: "ok", R.CELLS: summary, R.REUSED: str(reused)})
+    def _finish(self, tr, pw: spool.Recorder, spool_dir: Path, statuses: list) -> bool:
+        """Close the sweep's run with its counts and report. Cells that wait in the spool are
+        replayed first if the store is back; if any still wait, the sweep's run is closed by
+        their replay (its record joins them) and this returns True. `statuses`: what each job
+        returned, the counts while the store cannot give them."""
+        from pipeline import tracking
+        from pipeline.replay import replay_dir
+
+        sweep_id, parent = pw.rec.sweep_id, pw.rec.run_id
+        if tr is not None and not pw.offline and spool.pending(spool_dir, sweep_id=sweep_id) and tr.reachable():
+            try:  # the store answers again: this sweep's own waiting cells go in now
+                replay_dir(tr, spool_dir, sweep_id=sweep_id, say=lambda m: print(f"[attnbench] {m}", flush=True))
+            except Exception as e:  # noqa: BLE001
+                if not spool.is_outage(e):
+                    raise
+        waiting = [spool.read(p) for p in spool.pending(spool_dir, sweep_id=sweep_id)]
+        skip = {r.run_id for r in waiting if r.run_id}
+        in_store = pw.ask(lambda: tr.sweep_counts(sweep_id, parent, exclude=skip)) if parent else None
+        if in_store is not None or pw.offline:
+            counts, reused = dict(in_store[0]) if in_store else {}, in_store[1] if in_store else 0
+            for rec in waiting:  # a cell not in the store yet counts once, from its record
+                if rec.kind == spool.CELL:
+                    counts[rec.status] = counts.get(rec.status, 0) + 1
+                reused += rec.kind == spool.REUSE
+        else:  # the store is away: what the jobs returned (a reused cell among them as ok)
+            counts, reused = {}, 0
+            for st in statuses:
+                counts[str(st)] = counts.get(str(st), 0) + 1
+        summary = tracking.counts_text(counts)
         ran = sum(counts.values())
-        print(f"[attnbench] sweep {sweep_id} done: {ran} run" + (f" ({summary})" if ran else "")
-              + f", {reused} reused from earlier runs", flush=True)
-        if self.report:
-            self._report(tr, parent, sweep_id)
-        tr.end_run(parent, "ok")
-        print(f"[attnbench] browse the runs: make ui   (mlflow ui --backend-store-uri {tr.uri})", flush=True)
+        cells = [r for r in waiting if r.kind == spool.CELL]
+        line = f"[attnbench] sweep {sweep_id} done: {ran} run" + (f" ({summary})" if ran else "") + f", {reused} reused from earlier runs"
+        if not waiting:
+            pw.log(tags={R.STATUS: "ok", R.CELLS: summary, R.REUSED: str(reused)})
+            print(line, flush=True)
+            if self.report and not pw.offline:
+                publish_report(tr, parent, sweep_id)
+            pw.end("ok")
+            if pw.finish() is None:
+                print(f"[attnbench] browse the runs: make ui   (mlflow ui --backend-store-uri {tr.uri})", flush=True)
+                return False
+        else:
+            pw.log(tags={R.STATUS: "ok", R.CELLS: f"{summary} ({len(cells)} waiting in {spool_dir})", R.REUSED: str(reused)})
+            pw.end("ok")
+            spool.write(spool_dir, pw.rec)  # replay recounts the cells and closes this run
+            print(line, flush=True)
+        n = len(spool.pending(spool_dir, spool.CELL, sweep_id))
+        n_reuse = len(spool.pending(spool_dir, spool.REUSE, sweep_id))
+        what = (f"{n} cell{'s' if n != 1 else ''}" if n else "the sweep's own record") + (
+            f" (and {n_reuse} reuse{'s' if n_reuse != 1 else ''} of cells to point at)" if n_reuse else "")
+        print(f"[attnbench] {what} waiting in {spool_dir}: run make replay (python -m pipeline.replay {spool_dir})"
+              + ("; the report follows the replay" if self.report else ""), flush=True)
+        return True
 
-    def _report(self, tr, parent: str, sweep_id: str) -> None:
-        from pipeline.report import build_report
 
-        try:
-            out = build_report(experiment=tr.experiment, sweep_id=sweep_id, out_dir=None,
-                               budget_gb=None, tracking_uri=tr.uri)
-        except Exception as e:  # noqa: BLE001 - the cells are recorded; a report failure is reported, not fatal
+def publish_report(tr, parent: str, sweep_id: str, say=print) -> None:
+    """Build a sweep's report from the store and attach it to the sweep's run (a failure is
+    recorded on the run and printed, never fatal: the cells are recorded)."""
+    from pipeline.report import build_report
+
+    try:
+        out = build_report(experiment=tr.experiment, sweep_id=sweep_id, out_dir=None,
+                           budget_gb=None, tracking_uri=tr.uri)
+    except Exception as e:  # noqa: BLE001 - the cells are recorded; a report failure is reported, not fatal
+        with contextlib.suppress(Exception):
             tr.set_tag(parent, R.REPORT_ERROR, f"{type(e).__name__}: {e}"[:500])
-            print(f"[attnbench] report failed: {type(e).__name__}: {e}")
-            return
+        say(f"[attnbench] report failed: {type(e).__name__}: {e}")
+        return
+    try:
         for f in sorted(Path(out).iterdir()):
             if f.is_file():
                 tr.log_file(parent, f, "report")
         tr.set_tag(parent, R.REPORT_DIR, str(out))
-        print(f"[attnbench] report: {Path(out) / 'report.html'}  (markdown: {Path(out) / 'report.md'})", flush=True)
+    except Exception as e:  # noqa: BLE001
+        if not spool.is_outage(e):
+            raise
+        say(f"[attnbench] the report could not be attached to the sweep's run ({spool.one_line(e)})")
+    say(f"[attnbench] report: {Path(out) / 'report.html'}  (markdown: {Path(out) / 'report.md'})")
 
 
 def interleave_rounds(jobs: list[list[str]], plan: list[dict], rounds_of: list[int],

@@ -238,12 +238,18 @@ def run_name(cfg: Mapping[str, Any]) -> str:
                       bool((cfg.get("trainer") or {}).get("grad_checkpointing")), cfg.get("round"))
 
 
+def counts_text(counts: Mapping[str, int]) -> str:
+    """`30 ok, 2 oom`, or `none`."""
+    return ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
+
+
 class Tracker:
     def __init__(self, uri: str, experiment: str):
         from mlflow.tracking import MlflowClient
 
         check_server(uri)
         self.uri, self.experiment = uri, experiment
+        self.down = ""  # the outage a write met (one line); reachable() asks before the next run waits on it
         try:
             # MlflowClient opens the store (and on a new one creates the tables) when constructed
             with first_open_lock(uri):
@@ -282,18 +288,22 @@ class Tracker:
             return exp.experiment_id
 
     # --- runs -----------------------------------------------------------------
-    def create_run(self, name: str, tags: Mapping[str, str], parent_run_id: str | None = None) -> str:
+    def create_run(self, name: str, tags: Mapping[str, str], parent_run_id: str | None = None,
+                   start_time: int | None = None) -> str:
         tags = {k: str(v) for k, v in tags.items()}
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
-        run = _retry(lambda: self.client.create_run(self.experiment_id, tags=tags, run_name=name))
+        run = _retry(lambda: self.client.create_run(self.experiment_id, start_time=start_time, tags=tags, run_name=name))
         return run.info.run_id
 
     def log(self, run_id: str, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
-            metrics: Mapping[str, float] | None = None, series: Mapping[str, list[float]] | None = None) -> None:
+            metrics: Mapping[str, float] | None = None, series: Mapping[str, list[float]] | None = None,
+            timestamp_ms: int | None = None) -> None:
+        """`timestamp_ms`: every metric's timestamp (now if None); with a fixed one, the same
+        metrics written twice are stored once."""
         from mlflow.entities import Metric, Param, RunTag
 
-        now = int(time.time() * 1000)
+        now = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         p = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in (params or {}).items()]
         t = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
         m = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if v is not None]
@@ -312,11 +322,40 @@ class Tracker:
     def log_file(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
 
-    def end_run(self, run_id: str, status: str) -> None:
-        _retry(lambda: self.client.set_terminated(run_id, R.RUN_STATUS.get(status, status)))
+    def end_run(self, run_id: str, status: str, end_time: int | None = None) -> None:
+        _retry(lambda: self.client.set_terminated(run_id, R.RUN_STATUS.get(status, status), end_time=end_time))
+
+    def reachable(self) -> bool:
+        """After an outage (`down`, set by the writer that met it): is the store back? A server is
+        asked for /health, quickly, instead of every cell waiting out the client's retries again.
+        A SQLite store is simply tried again."""
+        if self.down and self.uri.startswith(("http://", "https://")):
+            try:
+                check_server(self.uri, timeout_s=5.0)
+            except TrackingError:
+                return False
+        self.down = ""
+        return True
 
     def set_tag(self, run_id: str, key: str, value: str) -> None:
         _retry(lambda: self.client.set_tag(run_id, key, value))
+
+    def sweep_counts(self, sweep_id: str, parent_run_id: str, exclude=()) -> tuple[dict[str, int], int]:
+        """A sweep's cells in the store by status (but the runs in `exclude`), and how many cells
+        it reused from earlier runs."""
+        counts: dict[str, int] = {}
+        for r in self.search(f"tags.{R.SWEEP_ID} = '{sweep_id}'"):
+            if r.info.run_id != parent_run_id and r.info.run_id not in exclude:
+                s = r.data.tags.get(R.STATUS, "unknown")
+                counts[s] = counts.get(s, 0) + 1
+        tags = _retry(lambda: self.client.get_run(parent_run_id)).data.tags
+        return counts, sum(1 for k in tags if k.startswith(R.REUSED_PREFIX))
+
+    def close_sweep(self, sweep_id: str, parent_run_id: str) -> tuple[dict[str, int], int]:
+        """Record a finished sweep's counts on its run (tags cells and reused); returns them."""
+        counts, reused = self.sweep_counts(sweep_id, parent_run_id)
+        self.log(parent_run_id, tags={R.STATUS: "ok", R.CELLS: counts_text(counts), R.REUSED: str(reused)})
+        return counts, reused
 
     # --- look-ups ---------------------------------------------------------------
     def search(self, filter_string: str, max_results: int = 1000) -> list:

@@ -1,0 +1,190 @@
+"""Nothing measured is lost while the tracking store is away: a cell whose record the store
+cannot take is spooled whole, the sweep goes on, and a replay writes every record exactly once
+(pipeline/spool.py, pipeline/replay.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline import cell as cell_mod
+from pipeline import record as R
+from pipeline import spool
+from pipeline.cell import SweepInfo, run_cell
+from pipeline.config import to_dict
+from pipeline.replay import replay_dir
+from pipeline.tracking import Tracker
+from tests.support import compose, run_cli
+
+FAST = ["scenario.min_time_s=0", "scenario.noise_max_s=0", "scenario.min_repeats=2", "scenario.warmup=1",
+        "scenario.warmup_s=0", "isolate=false"]
+OUTAGE = "API request to http://tracking:5000/api/2.0/mlflow/runs/log-batch failed with exception " \
+         "HTTPConnectionPool(host='tracking', port=5000): Max retries exceeded with url"
+
+
+class FlakyClient:
+    """MLflow's client, failing as a server that is down fails (after its retries) for the calls
+    numbered in `down` (1-based), and answering otherwise."""
+
+    def __init__(self, client, down: range):
+        self._client, self.down, self.calls, self.failed = client, down, 0, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*a, **k):
+            self.calls += 1
+            if self.calls in self.down:
+                self.failed += 1
+                raise ConnectionError(OUTAGE)
+            return attr(*a, **k)
+        return call
+
+
+def _flaky(uri: str, experiment: str, down: range) -> Tracker:
+    tr = Tracker(uri, experiment)
+    tr.client = FlakyClient(tr.client, down)
+    return tr
+
+
+def _cell(uri: str, experiment: str, *overrides: str) -> dict:
+    return to_dict(compose([*FAST, f"tracking.uri={uri}", f"tracking.experiment={experiment}", *overrides]))
+
+
+def _sweep_runs(uri: str, experiment: str, sweep_id: str):
+    runs = Tracker(uri, experiment).search(f"tags.{R.SWEEP_ID} = '{sweep_id}'")
+    return [r for r in runs if r.data.tags.get(R.ROLE) != R.ROLE_SWEEP]
+
+
+def test_outage_cases_are_told_from_refused_requests():
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    assert spool.is_outage(ConnectionError(OUTAGE))
+    assert spool.is_outage(MlflowException(OUTAGE))
+    assert spool.is_outage(MlflowException("(sqlite3.OperationalError) database is locked"))
+    assert spool.is_outage(MlflowException("(sqlite3.OperationalError) database or disk is full"))
+    assert spool.is_outage(MlflowException("API request to http://h/x failed with error code 503 != 200"))
+    # the store answered and refused: an error of the record, never spooled
+    assert not spool.is_outage(MlflowException("Changing param values is not allowed. Param with key='seq_len'",
+                                               error_code=INVALID_PARAMETER_VALUE))
+    assert not spool.is_outage(MlflowException("could not serialize the payload"))
+    assert not spool.is_outage(ValueError("bad metric value"))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNBENCH_CACHE", str(tmp_path / "cache"))
+
+
+def test_store_down_for_some_calls_spools_then_replays_each_cell_once(tmp_path, store_uri, cache, monkeypatch):
+    """A store that fails a stretch of calls and recovers: the cells it could not take are
+    spooled whole (one line each), the later ones are recorded directly, the replay writes the
+    spooled ones once, a second replay writes nothing, and no run stays RUNNING."""
+    exp = "outage"
+    Tracker(store_uri, exp)
+    parent = Tracker(store_uri, exp).create_run("sweep-outage", {R.SWEEP_ID: "s1", R.ROLE: R.ROLE_SWEEP})
+    # calls 4 and 5 fail: the first cell's config artifact (after its run and params went in),
+    # and the second cell's resume look-up; from then on the store answers
+    tr = _flaky(store_uri, exp, range(4, 6))
+    monkeypatch.setattr(cell_mod, "_tracker", lambda uri, experiment: tr)
+    sweep = SweepInfo(sweep_id="s1", parent_run_id=parent, sweep_dir=str(tmp_path / "mr"))
+    lines: list[str] = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    statuses = [run_cell(_cell(store_uri, exp, "model=vanilla", f"seq_len={n}"), sweep=sweep) for n in (16, 24, 32, 40)]
+    monkeypatch.undo()
+    assert statuses == ["ok"] * 4
+    assert tr.client.failed > 0
+    kept = spool.pending(tmp_path / "mr" / spool.SPOOL)
+    assert len(kept) == 2, [p.name for p in kept]  # the first two cells; the last two went in directly
+    told = [line for line in lines if "not in the store" in line]
+    assert len(told) == 2 and all("make replay" in line and "Max retries exceeded" in line for line in told)
+
+    # before the replay: the first cell's run exists but was never ended; the second has none
+    runs = _sweep_runs(store_uri, exp, "s1")
+    assert sorted(r.data.params[R.SEQ_LEN] for r in runs) == ["16", "32", "40"]
+    assert [r.info.status for r in runs if r.data.params[R.SEQ_LEN] == "16"] == ["RUNNING"]
+
+    real = Tracker(store_uri, exp)
+    done = replay_dir(real, tmp_path / "mr" / spool.SPOOL)
+    assert done.cells == 2 and not spool.pending(tmp_path / "mr" / spool.SPOOL)
+    again = replay_dir(real, tmp_path / "mr" / spool.SPOOL)
+    assert again.cells == 0
+    runs = _sweep_runs(store_uri, exp, "s1")
+    assert sorted(int(r.data.params[R.SEQ_LEN]) for r in runs) == [16, 24, 32, 40]  # each cell once
+    assert {r.info.status for r in runs} == {"FINISHED"} and {r.data.tags[R.STATUS] for r in runs} == {"ok"}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent for r in runs)
+    # a replayed record carries what a directly recorded one does, with each metric once
+    by_n = {int(r.data.params[R.SEQ_LEN]): r for r in runs}
+    direct, replayed = by_n[32], by_n[24]
+    assert set(replayed.data.metrics) == set(direct.data.metrics)
+    assert set(replayed.data.params) == set(direct.data.params)
+    assert set(direct.data.tags) - set(replayed.data.tags) <= {R.HEARTBEAT}
+    names = lambda r: sorted(a.path for a in real.client.list_artifacts(r.info.run_id))  # noqa: E731
+    assert names(replayed) == names(direct)
+    history = real.client.get_metric_history(by_n[16].info.run_id, R.KERNEL_FWD_MS)
+    assert len(history) == 1
+
+
+def test_an_interrupted_replay_run_again_records_each_cell_once(tmp_path, store_uri, cache):
+    exp = "interrupted"
+    d = tmp_path / "mr" / spool.SPOOL
+    for n in (16, 24, 32):
+        rec = spool.RunRecord(kind=spool.CELL, uri=store_uri, experiment=exp, sweep_id="s2", name=f"vanilla-n{n}-kernel",
+                              config_hash=f"h{n}", create_tags={R.CONFIG_HASH: f"h{n}", R.SWEEP_ID: "s2", R.STATUS: R.RUNNING},
+                              params={R.SEQ_LEN: n}, tags={R.STATUS: "ok", R.FAILURE_REASON: ""},
+                              metrics={R.KERNEL_FWD_MS: 1.0 + n}, series={"kernel/calls_ms": [1.0, 2.0]},
+                              artifacts={"config.json": {"json": {"seq_len": n}}, "note.txt": {"text": "x"}}, status="ok")
+        spool.write(d, rec)
+    sweep = spool.RunRecord(kind=spool.SWEEP, uri=store_uri, experiment=exp, sweep_id="s2", name="sweep-custom-s2",
+                            create_tags={R.SWEEP_ID: "s2", R.ROLE: R.ROLE_SWEEP, R.STATUS: R.RUNNING},
+                            params={R.N_CELLS: 3}, status="ok")
+    spool.write(d, sweep)
+    Tracker(store_uri, exp)
+    # the store goes away halfway through the second cell's writes
+    with pytest.raises(ConnectionError):
+        replay_dir(_flaky(store_uri, exp, range(12, 10_000)), d)
+    left = spool.pending(d)
+    assert len([p for p in left if p.name.startswith("cell-")]) == 2 and any(p.name.startswith("sweep-") for p in left)
+    assert spool.read(d / "cell-s2-h24.json").run_id  # created before the store went away: the replay goes on in it
+    done = replay_dir(Tracker(store_uri, exp), d)
+    assert not spool.pending(d) and done.sweeps == ["s2"]
+    runs = _sweep_runs(store_uri, exp, "s2")
+    assert sorted(int(r.data.params[R.SEQ_LEN]) for r in runs) == [16, 24, 32]
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    tr = Tracker(store_uri, exp)
+    for r in runs:
+        assert len(tr.client.get_metric_history(r.info.run_id, "kernel/calls_ms")) == 2
+    (parent,) = tr.search(f"tags.`{R.ROLE}` = '{R.ROLE_SWEEP}'")
+    assert parent.info.status == "FINISHED" and parent.data.tags[R.CELLS] == "3 ok"
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
+
+
+def test_offline_sweep_spools_everything_then_a_sweep_replays_it_first_and_reuses(tmp_path):
+    """tracking=offline writes no store (exit 3: records wait); the next sweep on the store
+    replays them first, then reuses those cells instead of measuring them again."""
+    uri = f"sqlite:///{tmp_path / 'off.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri, "ATTNBENCH_CACHE": str(tmp_path / "cache")}
+    args = ["-m", "model=vanilla,ssm", "seq_len=16,24", *FAST[:-1], "hydra.sweeper.report=false"]
+    r = run_cli([*args, "tracking=offline", f"hydra.sweep.dir={tmp_path / 'mr1'}"], env=env)
+    assert r.returncode == spool.EXIT_WAITING, r.stdout[-2000:] + r.stderr[-2000:]
+    assert not (tmp_path / "off.db").exists()
+    assert "4 cells waiting in" in r.stdout and "make replay" in r.stdout
+    kept = spool.pending(tmp_path / "mr1" / spool.SPOOL)
+    assert sorted(p.name.split("-")[0] for p in kept) == ["cell"] * 4 + ["sweep"]
+    assert json.loads(kept[0].read_text())["why"] == "tracking=offline"
+
+    r = run_cli([*args, f"hydra.sweep.dir={tmp_path / 'mr2'}"], env=env)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "replayed 4 spooled cell(s) of earlier sweeps into the store first" in r.stdout
+    assert "done: 0 run, 4 reused from earlier runs" in r.stdout
+    assert not spool.pending(tmp_path / "mr1" / spool.SPOOL)
+    tr = Tracker(uri, "attnbench")
+    cells = [x for x in tr.search("") if x.data.tags.get(R.ROLE) != R.ROLE_SWEEP]
+    assert len(cells) == 4 and {x.info.status for x in cells} == {"FINISHED"}
+    sweeps = {x.data.tags[R.SWEEP_ID]: x for x in tr.search(f"tags.`{R.ROLE}` = '{R.ROLE_SWEEP}'")}
+    assert len(sweeps) == 2 and {x.info.status for x in sweeps.values()} == {"FINISHED"}
+    offline_sweep = sweeps[cells[0].data.tags[R.SWEEP_ID]]
+    assert offline_sweep.data.tags[R.CELLS] == "4 ok"
