@@ -75,7 +75,8 @@ SKIPPED_AFTER = _tag("skipped_after", "run id of the shorter cell of the same li
 ROLE = _tag("attnbench.role", "`sweep` on a sweep's parent run")
 ROLE_SWEEP = "sweep"
 GRID = _tag("grid", "the grid config a sweep ran (conf/grid/), or custom")
-CELLS = _tag("cells", "a finished sweep's cell counts by status, e.g. `30 ok, 2 oom`")
+CELLS = _tag("cells", "a finished sweep's cell counts by status, e.g. `30 ok, 2 oom` (plus `(3 waiting in <spool>)` "
+                      "until make replay records those and counts again)")
 REUSED = _tag("reused", "how many cells a sweep reused from earlier runs")
 REUSED_PREFIX = "reused/"  # parent tag reused/<config_hash> = the run id a cell reused
 REPORT_DIR = _tag("report_dir", "where the sweep's report was written")

@@ -34,7 +34,14 @@ def _hydra_main(cfg: DictConfig) -> str:
             why = cuda_missing()
             if why is not None:
                 _fail(f"{why}: run it on a GPU machine")
-        return run_cell(d, sweep=sweep)
+        status = run_cell(d, sweep=sweep)
+        if sweep is None:
+            from pipeline import spool
+            from pipeline.cell import spool_folder
+
+            if spool.pending(spool_folder(None)):  # its record waits for make replay: not done yet
+                sys.exit(spool.EXIT_WAITING)
+        return status
     except (ConfigError, TrackingError) as e:
         _fail(str(e))
     return "error"

@@ -177,6 +177,26 @@ def record_lost(tr, sweep, d: dict[str, Any], job_id: str, status: str, reason: 
     tr.end_run(run, status)
 
 
+def spool_lost(spool_dir: Path, sweep, d: dict[str, Any], job_id: str, status: str, reason: str) -> None:
+    """record_lost's run as a spooled record, for the replay to write (and to end the run the dead
+    task left RUNNING, found by its config_hash and sweep)."""
+    from pipeline import spool, tracking
+    from pipeline.config import config_hash, family_hash, flatten
+
+    h = config_hash(d)
+    tcfg = d.get("tracking") or {}
+    rec = spool.RunRecord(
+        kind=spool.CELL, uri=tracking.tracking_uri(tcfg.get("uri")), experiment=tcfg.get("experiment", "attnbench"),
+        sweep_id=sweep.sweep_id, name=tracking.run_name(d), parent_run_id=sweep.parent_run_id, config_hash=h,
+        family_hash=family_hash(d), seq_len=int(d["seq_len"]), params=flatten(d), status=status,
+        create_tags={R.MODEL: d["model"]["name"], R.SCENARIO: d["scenario"]["name"], R.TASK: d["task"]["name"],
+                     R.CONFIG_HASH: h, R.FAMILY_HASH: family_hash(d), R.SWEEP_ID: sweep.sweep_id,
+                     R.SLURM_JOB_ID: job_id, **tracking.host_tags()},
+        tags={R.STATUS: status, R.FAILURE_REASON: reason}, why="the task ended without a result")
+    if not (spool_dir / rec.file_name()).exists():  # the task's own record, if it kept one, stands
+        spool.write(spool_dir, rec)
+
+
 def one_line(e: Any) -> str:
     """The last line of an exception's text that says something (a traceback's own message)."""
     text = e if isinstance(e, str) else f"{type(e).__name__}: {e}"
@@ -255,11 +275,25 @@ class ArrayLauncher:
             else:
                 reason = f"SLURM job {jid}: " + (why or ending.note or "ended without a result")
             print(f"[attnbench]   #{idx}: {status} ({reason})", flush=True)
-            if tr is not None:
-                record_lost(tr, sweep, self._cell(overrides), jid, status, reason)
+            self._record_lost(tr, sweep, self._cell(overrides), jid, status, reason)
             returns.append(JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED,
                                      _return_value=status, task_name=str(self.config.hydra.job.name)))
         return returns
+
+    def _record_lost(self, tr, sweep, d: dict[str, Any], jid: str, status: str, reason: str) -> None:
+        """record_lost in the store; with tracking=offline, or while the store is away, the lost
+        cell's record waits in the sweep's spool like the others (never over a record its task kept)."""
+        from pipeline import spool
+
+        if tr is not None:
+            try:
+                record_lost(tr, sweep, d, jid, status, reason)
+                return
+            except Exception as e:  # noqa: BLE001
+                if not spool.is_outage(e):
+                    raise
+        if sweep is not None and sweep.sweep_dir:
+            spool_lost(Path(sweep.sweep_dir) / spool.SPOOL, sweep, d, jid, status, reason)
 
     def _cell(self, overrides) -> dict[str, Any]:
         from pipeline.config import to_dict
@@ -285,13 +319,17 @@ class ArrayLauncher:
         from pipeline.sweep import SWEEP_FILE
 
         tcfg = self.config.get("tracking") or {}
+        f = Path(str(self.config.hydra.sweep.dir)) / SWEEP_FILE
+        sweep = SweepInfo(**json.loads(f.read_text())) if f.exists() else None
+        if tcfg.get("offline"):
+            return None, sweep
         try:
             tr = tracking.Tracker(tracking.tracking_uri(tcfg.get("uri")), tcfg.get("experiment", "attnbench"))
         except tracking.TrackingError as e:
-            print(f"[attnbench] cells of tasks that end without a result cannot be recorded: {e}", file=sys.stderr)
-            return None, None
-        f = Path(str(self.config.hydra.sweep.dir)) / SWEEP_FILE
-        return tr, (SweepInfo(**json.loads(f.read_text())) if f.exists() else None)
+            print(f"[attnbench] the store is away: cells of tasks that end without a result wait in the spool: {e}",
+                  file=sys.stderr)
+            return None, sweep
+        return tr, sweep
 
 
 class _Beat:

@@ -59,7 +59,9 @@ def is_outage(e: BaseException) -> bool:
 
 
 def one_line(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [""])[0]
+    """The error in one line: the line of its message that says what is away, else its first."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [""]
+    text = next((line for line in lines if any(w in line.lower() for w in _OUTAGE_WORDS)), lines[0])
     return f"{type(e).__name__}: {text}"[:300]
 
 

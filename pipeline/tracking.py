@@ -57,10 +57,15 @@ def artifact_root(uri: str) -> str | None:
     return (db.parent / "mlartifacts").resolve().as_uri() if db is not None else None
 
 
-def _retry(fn: Callable[[], T], tries: int = 8) -> T:
+LOCK_TRIES = 8  # each waits out SQLite's busy timeout (MLflow sets 20 s) before the next
+
+
+def _retry(fn: Callable[[], T], tries: int | None = None) -> T:
     """SQLite allows one writer at a time: concurrent jobs see 'database is locked' now and then.
-    Retrying with back-off is what makes several jobs on one store lose nothing."""
+    Retrying with back-off is what makes several jobs on one store lose nothing. A lock held
+    beyond every try is an outage: the caller spools (pipeline/spool.py)."""
     delay = 0.1
+    tries = LOCK_TRIES if tries is None else tries
     for attempt in range(tries):
         try:
             return fn()

@@ -7,12 +7,10 @@ sweeps, and concurrent writers on one SQLite store. Nothing is lost, duplicated 
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from pipeline import record as R
 from pipeline.registry import discover_variants
 from pipeline.sweep import SWEEP_FILE
 from pipeline.tracking import Tracker
-from tests.support import REPO
+from tests.support import REPO, free_port, start_mlflow_server, stop_process_group
 
 # The smoke grid's kernel cells (every variant) at a toy length, measured as briefly as the
 # kernel scenario allows: what is under test is where cells run and what reaches MLflow.
@@ -193,39 +191,12 @@ def mlflow_server(tmp_path_factory):
     """scripts/mlflow_server.sh on a free loopback port over a fresh SQLite store; stopped (its
     whole process group) when the module's tests are done."""
     d = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    log = d / "server.log"
-    env = _env(PORT=str(port), MLFLOW_BACKEND_STORE_URI=f"sqlite:///{d / 'server.db'}",
-               MLFLOW_ARTIFACTS_DESTINATION=str(d / "artifacts"), MLFLOW_WORKERS="1")
-    with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", str(REPO / "scripts" / "mlflow_server.sh")], env=env, cwd=d,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
+    uri, proc = start_mlflow_server(d, free_port(), _env())
     try:
-        deadline = time.monotonic() + 240  # a fresh store's tables and the workers' imports
-        while True:
-            assert proc.poll() is None, f"mlflow server exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"no /health after 240 s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
-        assert f"export MLFLOW_TRACKING_URI={uri}" in log.read_text()
+        assert f"export MLFLOW_TRACKING_URI={uri}" in (d / "server.log").read_text()
         yield uri, d
     finally:
-        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                proc.wait(timeout=wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_process_group(proc)
 
 
 @pytest.mark.slow  # 17 s: two whole sweeps at once on a live server

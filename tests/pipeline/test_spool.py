@@ -188,3 +188,147 @@ def test_offline_sweep_spools_everything_then_a_sweep_replays_it_first_and_reuse
     assert len(sweeps) == 2 and {x.info.status for x in sweeps.values()} == {"FINISHED"}
     offline_sweep = sweeps[cells[0].data.tags[R.SWEEP_ID]]
     assert offline_sweep.data.tags[R.CELLS] == "4 ok"
+
+
+@pytest.mark.slow  # about 70 s each: a live server, killed for longer than the client's retry budget
+@pytest.mark.parametrize("back", ["mid-sweep", "after the sweep"])
+def test_server_down_longer_than_its_retries(tmp_path, back):
+    """The real `mlflow server` killed after the second cell, with the client's retries cut to a
+    few seconds (MLflow's own settings) so that the outage outlasts them. Back 25 s later: the
+    sweep spools what it could not record, goes on, replays its spool itself and exits 0. Back
+    only after the sweep: it exits 3 saying what waits, and `python -m pipeline.replay` records
+    it. Either way every cell is in the store exactly once, ok, and nothing is RUNNING."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.replay import main as replay_main
+    from tests.support import REPO, free_port, start_mlflow_server, stop_process_group
+
+    d = tmp_path / "server"
+    d.mkdir()
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    uri, server = start_mlflow_server(d, port, base)
+    env = {**base, "MLFLOW_TRACKING_URI": uri, "ATTNBENCH_CACHE": str(tmp_path / "cache"),
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    n_cells = 8
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.run", "-m", "model=vanilla,ssm", "seq_len=16,24,32,40", "tracking=server",
+         "scenario.min_time_s=1.5", "scenario.noise_max_s=0", "scenario.warmup_s=0", "hydra.sweeper.report=false",
+         f"hydra.sweep.dir={tmp_path / 'mr'}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out: list[str] = []
+    try:
+        for line in sweep.stdout:
+            out.append(line)
+            if line.startswith("[2/"):
+                break
+        stop_process_group(server)
+        server = None
+        if back == "mid-sweep":
+            t_down = time.monotonic()
+            while time.monotonic() - t_down < 25:
+                time.sleep(1)
+            uri, server = start_mlflow_server(d, port, base)
+        out += sweep.stdout.readlines()
+        rc = sweep.wait(timeout=600)
+        text = "".join(out)
+        if back == "mid-sweep":
+            assert rc == 0, text[-4000:]
+            assert "replayed" in text
+        else:
+            assert rc == spool.EXIT_WAITING, text[-4000:]
+            assert "waiting in" in text and "make replay" in text
+            assert len(spool.pending(tmp_path / "mr" / spool.SPOOL, spool.CELL)) == n_cells - 2
+            uri, server = start_mlflow_server(d, port, base)
+            os.environ["ATTNBENCH_CACHE"] = env["ATTNBENCH_CACHE"]
+            try:
+                assert replay_main([str(tmp_path / "mr"), "--no-report"]) == 0
+            finally:
+                del os.environ["ATTNBENCH_CACHE"]
+        runs = Tracker(uri, "attnbench").search("")
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+        if server is not None:
+            stop_process_group(server)
+    assert "not in the store" in text, "no cell met the outage:\n" + text[-4000:]
+    cells = [r for r in runs if r.data.tags.get(R.ROLE) != R.ROLE_SWEEP]
+    assert len(cells) == n_cells, sorted(r.info.run_name for r in cells)
+    assert len({r.info.run_name for r in cells}) == n_cells  # none twice
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.data.tags[R.STATUS] for r in cells} == {"ok"}
+    (parent,) = [r for r in runs if r.data.tags.get(R.ROLE) == R.ROLE_SWEEP]
+    assert parent.data.tags[R.CELLS] == f"{n_cells} ok"
+    assert not spool.pending(tmp_path / "mr" / spool.SPOOL)
+
+
+def test_a_task_lost_on_the_cluster_is_spooled_without_overwriting_its_own_record(tmp_path):
+    from pipeline.slurm_array import spool_lost
+
+    d = _cell("sqlite:////nonexistent/x.db", "lost", "seq_len=16")
+    sweep = SweepInfo(sweep_id="s3", parent_run_id=None, sweep_dir=str(tmp_path))
+    spool_lost(tmp_path / spool.SPOOL, sweep, d, "12_3", "error", "SLURM job 12_3 ended NODE_FAIL without a result")
+    (p,) = spool.pending(tmp_path / spool.SPOOL)
+    rec = spool.read(p)
+    assert rec.status == "error" and "NODE_FAIL" in rec.tags[R.FAILURE_REASON] and rec.create_tags[R.SLURM_JOB_ID] == "12_3"
+    rec.status, rec.tags[R.STATUS] = "ok", "ok"  # the task had kept its measured record: it stands
+    spool.write(tmp_path / spool.SPOOL, rec)
+    spool_lost(tmp_path / spool.SPOOL, sweep, d, "12_3", "error", "later")
+    assert spool.read(p).status == "ok"
+
+
+@pytest.mark.slow  # about 40 s: SQLite's busy timeout (20 s) is waited out once
+def test_a_sqlite_store_locked_beyond_its_timeout_or_on_a_full_disk_spools(tmp_path, monkeypatch):
+    import sqlite3
+    import subprocess
+
+    from pipeline import tracking
+
+    monkeypatch.setenv("ATTNBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tracking, "LOCK_TRIES", 1)  # one busy timeout, not eight
+    db = tmp_path / "locked.db"
+    uri = f"sqlite:///{db}"
+    parent = Tracker(uri, "attnbench").create_run("sweep", {R.SWEEP_ID: "s4", R.ROLE: R.ROLE_SWEEP})
+    monkeypatch.setattr(cell_mod, "_tracker", lambda u, e: Tracker(u, e))
+    sweep = SweepInfo(sweep_id="s4", parent_run_id=parent, sweep_dir=str(tmp_path / "mr"))
+    other = sqlite3.connect(db, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")  # another process holds the file
+    try:
+        assert run_cell(_cell(uri, "attnbench", "seq_len=16"), sweep=sweep, quiet=True) == "ok"
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    (kept,) = spool.pending(tmp_path / "mr" / spool.SPOOL)
+    assert "locked" in spool.read(kept).why
+    assert replay_dir(Tracker(uri, "attnbench"), tmp_path / "mr" / spool.SPOOL).cells == 1
+    assert [r.data.tags[R.STATUS] for r in _sweep_runs(uri, "attnbench", "s4")] == ["ok"]
+
+    # a full disk under the store: a tmpfs of 6 MiB, filled once the store is made
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(fs)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        uri = f"sqlite:///{fs / 'full.db'}"
+        parent = Tracker(uri, "attnbench").create_run("sweep", {R.SWEEP_ID: "s5", R.ROLE: R.ROLE_SWEEP})
+        sweep = SweepInfo(sweep_id="s5", parent_run_id=parent, sweep_dir=str(tmp_path / "mr5"))
+        with open(fs / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        assert run_cell(_cell(uri, "attnbench", "seq_len=16"), sweep=sweep, quiet=True) == "ok"
+        (kept,) = spool.pending(tmp_path / "mr5" / spool.SPOOL)
+        assert "full" in spool.read(kept).why or "No space" in spool.read(kept).why, spool.read(kept).why
+        (fs / "filler").unlink()
+        assert replay_dir(Tracker(uri, "attnbench"), tmp_path / "mr5" / spool.SPOOL).cells == 1
+        runs = _sweep_runs(uri, "attnbench", "s5")
+        assert [(r.data.tags[R.STATUS], r.info.status) for r in runs] == [("ok", "FINISHED")]
+    finally:
+        subprocess.run(["umount", "-l", str(fs)], check=False)
