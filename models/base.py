@@ -64,21 +64,32 @@ class SequenceMixer(nn.Module):
     # longest context `step` supports by itself (None: no limit beyond init_state's max_len)
     max_context: int | None = None
 
-    def __init__(self, d_model: int, n_heads: int, causal: bool = True):
+    # grouped-query attention: n_kv_heads < n_heads key/value heads, each shared by a group of
+    # query heads (1: multi-query). False: the variant refuses it, saying why in `kv_heads_refusal`
+    grouped_kv: bool = False
+    kv_heads_refusal: str = "it has no separate key/value heads to share"
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool = True, n_kv_heads: int | None = None):
         super().__init__()
         if d_model <= 0 or n_heads <= 0:
             raise ValueError(f"d_model and n_heads must be positive, got {d_model} and {n_heads}")
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         self.d_model, self.n_heads, self.head_dim = d_model, n_heads, d_model // n_heads
+        self.n_kv_heads = check_kv_heads(n_heads, n_kv_heads)
+        if self.n_kv_heads != n_heads and not self.grouped_kv:
+            raise ValueError(f"{type(self).__name__} does not take n_kv_heads={self.n_kv_heads} < n_heads={n_heads} "
+                             f"(grouped-query attention): {self.kv_heads_refusal}")
+        self.kv_dim = self.n_kv_heads * self.head_dim  # width of the key (and of the value) projection
         self.causal = causal
         # which kernel ran in the last forward; set by every forward, recorded as the run's `backend`
         self.backend: str = "unset"
 
     # --- analytic models -------------------------------------------------------
     def projection_flops(self, batch: int, seq_len: int) -> float:
-        """Q, K, V and output projections: 4 GEMMs of (B*T, D) x (D, D), 2 FLOPs per multiply-add."""
-        return 8.0 * batch * seq_len * self.d_model**2
+        """Q, K, V and output projections, 2 FLOPs per multiply-add: (B*T, D) x (D, D) for Q and
+        the output, (B*T, D) x (D, H_kv K) for K and V (8 B T D^2 when H_kv = H)."""
+        return 2.0 * batch * seq_len * self.d_model * (2 * self.d_model + 2 * self.kv_dim)
 
     def mixing_flops(self, batch: int, seq_len: int) -> float:
         """FLOPs of the sequence mixing itself (what differs between variants). Forward only."""
@@ -204,7 +215,44 @@ class SequenceMixer(nn.Module):
         return T
 
     def extra_repr(self) -> str:
-        return f"d_model={self.d_model}, n_heads={self.n_heads}, causal={self.causal}"
+        kv = f", n_kv_heads={self.n_kv_heads}" if self.n_kv_heads != self.n_heads else ""
+        return f"d_model={self.d_model}, n_heads={self.n_heads}{kv}, causal={self.causal}"
+
+
+def check_kv_heads(n_heads: int, n_kv_heads: int | None) -> int:
+    """n_kv_heads (None: n_heads) checked: a positive divisor of n_heads; ValueError otherwise."""
+    if n_kv_heads is None:
+        return n_heads
+    if isinstance(n_kv_heads, bool) or int(n_kv_heads) != n_kv_heads or n_kv_heads < 1 or n_heads % int(n_kv_heads):
+        raise ValueError(f"n_kv_heads={n_kv_heads!r} must be a positive divisor of n_heads={n_heads} "
+                         "(n_heads: multi-head, 1: multi-query attention)")
+    return int(n_kv_heads)
+
+
+def grouped_scores(q_BHTK: torch.Tensor, k_BhSK: torch.Tensor) -> torch.Tensor:
+    """Q K^T with h <= H key heads, each shared by H/h consecutive query heads: (B, H, T, S),
+    without copying the keys (the query heads of a group ride in a dimension of their own)."""
+    B, H, T, K = q_BHTK.shape
+    h = k_BhSK.shape[1]
+    if h == H:
+        return q_BHTK @ k_BhSK.transpose(-2, -1)
+    return (q_BHTK.view(B, h, H // h, T, K) @ k_BhSK.unsqueeze(2).transpose(-2, -1)).view(B, H, T, -1)
+
+
+def grouped_values(p_BHTS: torch.Tensor, v_BhSK: torch.Tensor) -> torch.Tensor:
+    """P V with h <= H value heads shared as in `grouped_scores`: (B, H, T, K)."""
+    B, H, T, S = p_BHTS.shape
+    h = v_BhSK.shape[1]
+    if h == H:
+        return p_BHTS @ v_BhSK
+    return (p_BHTS.view(B, h, H // h, T, S) @ v_BhSK.unsqueeze(2)).view(B, H, T, -1)
+
+
+def repeat_kv(x_BhTK: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Key or value heads repeated over their groups, (B, H, T, K): grouped-query attention as
+    multi-head attention computes it (the reference, and the layout some kernels need)."""
+    h = x_BhTK.shape[1]
+    return x_BhTK if h == n_heads else x_BhTK.repeat_interleave(n_heads // h, dim=1)
 
 
 def exact_attention_flops(batch: int, heads: int, seq_len: int, head_dim: int, causal: bool) -> float:

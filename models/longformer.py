@@ -38,8 +38,8 @@ exponentials and the mask are not counted.
 Decoding (causal): the g global keys and values in fixed slots, and a ring buffer of the last
 w+1 (positions i-w .. i; slot g + i mod (w+1)); a step attends over those g + w + 1 slots with
 a mask of the pattern, O((w + g) D) per token whatever the context. `state_bytes` =
-2 B (min(g, max_len) + min(w+1, max_len)) D dtype_bytes. Prefill writes the globals and the
-prompt's last w+1 keys from the forward's projections.
+2 B (min(g, max_len) + min(w+1, max_len)) H_kv K dtype_bytes (H_kv K = D unless grouped).
+Prefill writes the globals and the prompt's last w+1 keys from the forward's projections.
 
     attn = LongformerAttention(d_model=256, n_heads=4, causal=True, window=512, global_tokens=16)
     y_BTD = attn(x_BTD)
@@ -50,6 +50,7 @@ import math
 
 import torch
 
+from models.base import grouped_scores, grouped_values, repeat_kv
 from models.knobs import check_knob
 from models.vanilla import VanillaAttention
 from models.xformers_attn import sdpa_recorded
@@ -152,8 +153,8 @@ class LongformerAttention(VanillaAttention):
     split_globals = True
 
     def __init__(self, d_model: int, n_heads: int, causal: bool = True, bias: bool = False,
-                 window: int = 512, global_tokens: int = 16, chunk_size: int = 256):
-        super().__init__(d_model, n_heads, causal, bias)
+                 window: int = 512, global_tokens: int = 16, chunk_size: int = 256, n_kv_heads: int | None = None):
+        super().__init__(d_model, n_heads, causal, bias, n_kv_heads=n_kv_heads)
         self.window, self.global_tokens, self.chunk_size = (
             check_knob("window", window), check_knob("global_tokens", global_tokens), check_knob("chunk_size", chunk_size))
         self._mask_cache: tuple | None = None  # ((T, device, dtype), mask) of the last forward
@@ -240,6 +241,9 @@ class LongformerAttention(VanillaAttention):
         q_BHTK, k_BHTK, v_BHTK = self.split_heads(x_BTD)
         if state is not None:
             self._cache_prompt(state, k_BHTK, v_BHTK)
+        # grouped-query attention: the blocks take one key head per query head (a copy of
+        # O(T D), beside the O(T (w + g)) windows); the decoding state keeps H_kv heads
+        k_BHTK, v_BHTK = repeat_kv(k_BHTK, H), repeat_kv(v_BHTK, H)
 
         # queries: pad to nc*C and cut into chunks; chunks go into SDPA's head axis
         pad_T = nc * C - T
@@ -292,7 +296,7 @@ class LongformerAttention(VanillaAttention):
 
     def _new_state(self, batch, max_len, device, dtype):
         G, R = self._slots(max_len)
-        shape = (batch, self.n_heads, G + R, self.head_dim)
+        shape = (batch, self.n_kv_heads, G + R, self.head_dim)
         # zeros, not empty: unused slots are masked, but garbage there (inf, nan) would still poison a score
         tensors = {"k": torch.zeros(shape, device=device, dtype=dtype),
                    "v": torch.zeros(shape, device=device, dtype=dtype)}
@@ -300,7 +304,7 @@ class LongformerAttention(VanillaAttention):
 
     def state_bytes(self, batch: int, max_len: int, dtype_bytes: int = 4) -> int:
         G, R = self._slots(max_len)
-        return 2 * batch * (G + R) * self.d_model * dtype_bytes
+        return 2 * batch * (G + R) * self.kv_dim * dtype_bytes
 
     def _cache_prompt(self, state, k_BHTK: torch.Tensor, v_BHTK: torch.Tensor) -> None:
         """Globals at slots 0..G-1; position p >= G of the last R at ring slot G + p mod R."""
@@ -337,10 +341,10 @@ class LongformerAttention(VanillaAttention):
         # none yet (p < 0), or a global one (p < g, counted once, in its global slot): masked
         p_R = i - (i - state.consts["ring_R"]) % R
         ok = torch.cat([state.consts["global_G"] <= i, p_R >= max(g, 0)])
-        s_BH1S = (q_BH1K @ kc.transpose(-2, -1)) / math.sqrt(self.head_dim)
+        s_BH1S = grouped_scores(q_BH1K, kc) / math.sqrt(self.head_dim)
         s_BH1S = s_BH1S.masked_fill(~ok, float("-inf"))
         self.backend = "ring-window:torch-matmul"
-        return self.merge_heads(s_BH1S.softmax(dim=-1) @ vc)
+        return self.merge_heads(grouped_values(s_BH1S.softmax(dim=-1), vc))
 
     def mixing_flops(self, batch: int, seq_len: int) -> float:
         pairs = pattern_pairs(seq_len, self.window, self.global_tokens, self.causal)
@@ -354,7 +358,7 @@ class LongformerAttention(VanillaAttention):
         padded = 3 * X * (nc * C + 2 * w) * self.head_dim  # padded q, k, v
         n0, n1 = self._interior(seq_len)
         mask = (nc - (n1 - n0) + 1) * C * (G + L)  # edge chunks' masks and the interior one
-        linear = 8 * batch * seq_len * self.d_model  # projections, output, as vanilla counts them
+        linear = batch * seq_len * (6 * self.d_model + 2 * self.kv_dim)  # projections, output, as vanilla counts them
         lse = X * nc * C  # fp32 row statistics of the fused kernel
         return int((windows + padded + mask + linear) * dtype_bytes + 4 * lse)
 

@@ -193,10 +193,15 @@ class PerformerAttention(VanillaAttention):
     # Forward+backward at n = 16384: ~450 ms one block, ~410 ms 4096 rows. None: one block.
     cpu_block_rows: int | None = 4096
 
+    # FAVOR+ with shared key/value heads would share the keys' feature maps and running sums over
+    # a group; not built, so a grouped config is refused rather than run as multi-head
+    grouped_kv = False
+    kv_heads_refusal = "its feature maps and running sums are per head; shared key/value heads are not implemented"
+
     def __init__(self, d_model: int, n_heads: int, causal: bool = True, bias: bool = False,
                  features: int = 256, redraw: bool = False, chunk_size: int = 128, seed: int = 0,
-                 norm_cap: float | str | None = "auto"):
-        super().__init__(d_model, n_heads, causal, bias)
+                 norm_cap: float | str | None = "auto", n_kv_heads: int | None = None):
+        super().__init__(d_model, n_heads, causal, bias, n_kv_heads=n_kv_heads)
         self.features, self.redraw, self.chunk_size, self.seed = (
             check_knob("features", features), bool(redraw), check_knob("chunk_size", chunk_size), seed)
         self.norm_cap = norm_cap_value(norm_cap, self.features)

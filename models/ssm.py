@@ -55,9 +55,11 @@ class S4DMixer(SequenceMixer):
     memory_order = 1.0
     constant_state = True  # decoding keeps the (D, N/2) complex state, whatever the context
 
+    kv_heads_refusal = "a state-space model has no keys or values (no KV cache to shrink)"
+
     def __init__(self, d_model: int, n_heads: int, causal: bool = True, state_size: int = 64,
-                 dt_min: float = 1e-3, dt_max: float = 1e-1, bias: bool = False):
-        super().__init__(d_model, n_heads, causal)  # n_heads only validates D; the SSM has none
+                 dt_min: float = 1e-3, dt_max: float = 1e-1, bias: bool = False, n_kv_heads: int | None = None):
+        super().__init__(d_model, n_heads, causal, n_kv_heads)  # n_heads only validates D; the SSM has none
         if not 0 < dt_min <= dt_max:
             raise ValueError(f"need 0 < dt_min <= dt_max, got {dt_min}, {dt_max}")
         self.state_size = check_knob("state_size", state_size)

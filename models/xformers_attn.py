@@ -2,7 +2,8 @@
 
 Owns `XformersAttention` and the SDPA dispatch helper `sdpa_recorded`, which runs
 `torch.nn.functional.scaled_dot_product_attention` under one backend at a time so the backend
-that actually ran is known (the longformer variant reuses it for its blocks).
+that actually ran is known (the longformer variant reuses it for its blocks). Keys and values
+with fewer heads than the queries (grouped-query attention) go through SDPA's `enable_gqa`.
 
 Both kernels compute softmax(Q K^T / sqrt(K)) V tile by tile with an online softmax
 (Rabe & Staats 2021, "Self-attention does not need O(n^2) memory"; Dao et al. 2022,
@@ -70,7 +71,8 @@ def sdpa_recorded(
             warnings.simplefilter("always")
             try:
                 with sdpa_kernel([b]):
-                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+                    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                         enable_gqa=k.shape[-3] != q.shape[-3])
                 return out, _SDPA_NAMES[b], "; ".join(refusals) or None
             except RuntimeError as err:
                 if "No available kernel" not in str(err):
@@ -78,7 +80,8 @@ def sdpa_recorded(
                 why = _refusal_text([str(w.message) for w in caught]) or str(err)
                 refusals.append(f"{_SDPA_NAMES[b]} refused: {why}")
     with sdpa_kernel([SDPBackend.MATH]):
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             enable_gqa=k.shape[-3] != q.shape[-3])
     return out, _SDPA_NAMES[SDPBackend.MATH], "; ".join(refusals) or f"no fused SDPA for {q.device.type}"
 
 
@@ -165,8 +168,8 @@ class XformersAttention(VanillaAttention):
     memory_order = 1.0
 
     def __init__(self, d_model: int, n_heads: int, causal: bool = True, bias: bool = False,
-                 backend: str = "auto"):
-        super().__init__(d_model, n_heads, causal, bias)
+                 backend: str = "auto", n_kv_heads: int | None = None):
+        super().__init__(d_model, n_heads, causal, bias, n_kv_heads=n_kv_heads)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend_choice = backend
@@ -182,6 +185,9 @@ class XformersAttention(VanillaAttention):
         """Why xFormers cannot run on x (None when it may): device first, then the import."""
         if x.device.type != "cuda":
             return f"xformers memory_efficient_attention needs CUDA tensors, got {x.device.type}"
+        if self.n_kv_heads != self.n_heads:
+            return (f"grouped-query attention (n_kv_heads={self.n_kv_heads} of {self.n_heads}) runs through SDPA's "
+                    "enable_gqa here: xFormers' 5-D grouped layout is not wired in")
         reason = load_xformers_ops()[1]
         if reason is None:
             xformers_build_note()  # before the first dispatch: may enable PyTorch-backed operators
@@ -278,6 +284,6 @@ class XformersAttention(VanillaAttention):
     def memory_bytes(self, batch: int, seq_len: int, dtype_bytes: int = 4) -> int:
         # the fused kernels keep O(T K) per head: q, k, v, output and its gradient-side copies
         # (~8 (B, T, D) tensors, as vanilla's linear part) plus the log-sum-exp row statistics
-        linear = 8 * batch * seq_len * self.d_model
+        linear = batch * seq_len * (6 * self.d_model + 2 * self.kv_dim)
         lse = batch * self.n_heads * seq_len  # fp32 always
         return int(linear * dtype_bytes + 4 * lse)

@@ -46,6 +46,11 @@ def to_dict(cfg: DictConfig | Mapping) -> dict[str, Any]:
     else:
         d = dict(cfg)
     d.pop("hydra", None)
+    bb = d.get("backbone")
+    if isinstance(bb, Mapping) and "n_kv_heads" in bb and bb["n_kv_heads"] is None:
+        # unset (multi-head) is the config as it was before the field existed: the same identity
+        # (config_hash), params and report lines as the runs recorded then
+        d["backbone"] = {k: v for k, v in bb.items() if k != "n_kv_heads"}
     return d
 
 

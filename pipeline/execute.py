@@ -91,7 +91,7 @@ def preflight(d: dict[str, Any], device: torch.device, w=None, sc=None) -> Plan:
     w = w or workload(d)
     sc = sc or scenario_section(d)
     bb = w.backbone
-    mixer = build_mixer(w.model, d_model=bb.d_model, n_heads=bb.n_heads, causal=w.causal)
+    mixer = build_mixer(w.model, d_model=bb.d_model, n_heads=bb.n_heads, causal=w.causal, n_kv_heads=bb.n_kv_heads)
     mixer.check_seq_len(w.seq_len)
     tags = {flag: str(getattr(mixer, flag)) for flag in R.CAPABILITY_TAGS}
     dtype_bytes = torch.empty((), dtype=getattr(torch, bb.dtype)).element_size()

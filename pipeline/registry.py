@@ -53,18 +53,21 @@ def mixer_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in dict(model_cfg).items() if k not in _META_KEYS}
 
 
-def build_mixer(model_cfg: Mapping[str, Any], d_model: int, n_heads: int, causal: bool = True):
-    """Instantiate the mixer a model config names (`_target_` plus its own knobs)."""
+def build_mixer(model_cfg: Mapping[str, Any], d_model: int, n_heads: int, causal: bool = True,
+                n_kv_heads: int | None = None):
+    """Instantiate the mixer a model config names (`_target_` plus its own knobs). `n_kv_heads`
+    (grouped-query attention) is passed only when set, so a mixer without it still builds."""
     from hydra.utils import instantiate
 
-    return instantiate(mixer_kwargs(model_cfg), d_model=d_model, n_heads=n_heads, causal=causal)
+    kv = {} if n_kv_heads is None or int(n_kv_heads) == int(n_heads) else {"n_kv_heads": int(n_kv_heads)}
+    return instantiate(mixer_kwargs(model_cfg), d_model=d_model, n_heads=n_heads, causal=causal, **kv)
 
 
-def mixer_factory(model_cfg: Mapping[str, Any], causal: bool = True):
+def mixer_factory(model_cfg: Mapping[str, Any], causal: bool = True, n_kv_heads: int | None = None):
     """A callable (d_model, n_heads) -> mixer, for backbones that build one mixer per block."""
     cfg = dict(model_cfg)
 
     def make(d_model: int, n_heads: int):
-        return build_mixer(cfg, d_model=d_model, n_heads=n_heads, causal=causal)
+        return build_mixer(cfg, d_model=d_model, n_heads=n_heads, causal=causal, n_kv_heads=n_kv_heads)
 
     return make

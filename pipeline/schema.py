@@ -43,6 +43,8 @@ class Backbone:
     d_model: int = _f(128, AXIS, "model width D (the kernel scenario's mixer width too)", "positive")
     n_layers: int = _f(2, AXIS, "blocks of the token model", "positive")
     n_heads: int = _f(4, AXIS, "attention heads H (head dim D / H)", "positive")
+    n_kv_heads: Any = _f(None, AXIS, "key/value heads H_kv: null = n_heads; a divisor of n_heads (grouped-query "
+                         "attention; 1: multi-query)", "positive_or_null")
     mlp_ratio: int = _f(4, AXIS, "MLP hidden width / D", "positive")
     dtype: str = _f("float32", AXIS, "parameter and activation dtype", "dtype")
 
@@ -252,6 +254,21 @@ def _check_section(d: Mapping[str, Any], cls: type, prefix: str, what: str) -> N
                 raise ConfigError(f"{prefix}{name} {msg}, got {d[name]!r}")
 
 
+def _check_grouped_kv(model: Mapping[str, Any], bb: Mapping[str, Any]) -> None:
+    """A variant that does not take fewer key/value heads says so now, in one line (the only
+    check here that imports the variant's class, and torch with it: grouped cells only)."""
+    from hydra.utils import get_class
+
+    try:
+        cls = get_class(model["_target_"])
+    except Exception:  # noqa: BLE001 - an unimportable target is reported where the cell builds it
+        return
+    if not getattr(cls, "grouped_kv", False):
+        why = getattr(cls, "kv_heads_refusal", "it has no grouped-query attention")
+        raise ConfigError(f"model={model.get('name')} does not take backbone.n_kv_heads={bb['n_kv_heads']} < "
+                          f"n_heads={bb['n_heads']} (grouped-query attention): {why}")
+
+
 def check(d: Mapping[str, Any]) -> None:
     """Check a composed cell config (a plain dict) against the schema, torch-free; raise
     ConfigError naming the first bad field."""
@@ -282,6 +299,11 @@ def check(d: Mapping[str, Any]) -> None:
             raise ConfigError(f"backbone.{key} must be a positive integer, got None")
     if bb["d_model"] % bb["n_heads"]:
         raise ConfigError(f"backbone.d_model={bb['d_model']} must be divisible by backbone.n_heads={bb['n_heads']}")
+    if bb.get("n_kv_heads") is not None and bb["n_heads"] % bb["n_kv_heads"]:
+        raise ConfigError(f"backbone.n_kv_heads={bb['n_kv_heads']} must divide backbone.n_heads={bb['n_heads']} "
+                          "(n_heads: multi-head, 1: multi-query attention)")
+    if bb.get("n_kv_heads") not in (None, bb["n_heads"]):
+        _check_grouped_kv(model, bb)
 
     sc = d.get("scenario") or {}
     cls = SCENARIOS.get(sc.get("name"))

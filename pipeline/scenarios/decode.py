@@ -73,7 +73,8 @@ def check_decode(d: Mapping[str, Any]) -> None:
                          "it cannot run scenario=decode")
     bb = d.get("backbone") or {}
     try:
-        mixer = build_mixer(model, d_model=int(bb["d_model"]), n_heads=int(bb["n_heads"]), causal=True)
+        mixer = build_mixer(model, d_model=int(bb["d_model"]), n_heads=int(bb["n_heads"]), causal=True,
+                            n_kv_heads=bb.get("n_kv_heads"))
     except Exception as e:  # noqa: BLE001 - hydra wraps the constructor's error in several lines
         raise ValueError(f"model={name}: {failure_text(e)}") from None
     total = n + k
@@ -122,14 +123,15 @@ def decode(sc, model_cfg: Mapping[str, Any], bb, batch: int, seq_len: int, seed:
 
         V = int(sc.vocab_size)
         model = TokenModel(vocab_size=V, d_model=D, n_layers=int(bb.n_layers), n_heads=int(bb.n_heads),
-                           mlp_ratio=int(bb.mlp_ratio), mixer_factory=mixer_factory(model_cfg, causal=True))
+                           mlp_ratio=int(bb.mlp_ratio),
+                           mixer_factory=mixer_factory(model_cfg, causal=True, n_kv_heads=bb.n_kv_heads))
         mixers = model.mixers
         prompt = torch.randint(0, V, (B, n), generator=gen).to(device)
 
         def step(out, state, t):  # greedy: the next token is the argmax of the last logits
             return model.step(out[:, -1:].argmax(-1), state)[0]
     else:
-        model = build_mixer(model_cfg, d_model=D, n_heads=int(bb.n_heads), causal=True)
+        model = build_mixer(model_cfg, d_model=D, n_heads=int(bb.n_heads), causal=True, n_kv_heads=bb.n_kv_heads)
         mixers = [model]
         prompt = torch.randn(B, n, D, generator=gen).to(device=device, dtype=dtype)
         new_x = torch.randn(B, k, D, generator=gen).to(device=device, dtype=dtype)

@@ -27,7 +27,7 @@ def run_kernel(sc: KernelScenario, w: Workload, plan: Plan, device: torch.device
     bb = w.backbone
     dtype = getattr(torch, bb.dtype)
     B, T, D = w.batch_size, w.seq_len, bb.d_model
-    mixer = build_mixer(w.model, d_model=D, n_heads=bb.n_heads, causal=w.causal).to(device=device, dtype=dtype)
+    mixer = build_mixer(w.model, d_model=D, n_heads=bb.n_heads, causal=w.causal, n_kv_heads=bb.n_kv_heads).to(device=device, dtype=dtype)
     x_BTD = torch.randn(B, T, D, device=device, dtype=dtype)
     timing = timing_knobs(sc)
 

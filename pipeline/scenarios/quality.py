@@ -41,7 +41,7 @@ def _build(w: Workload, task):
     return TokenModel(
         vocab_size=task.vocab_size, d_model=int(bb.d_model), n_layers=int(bb.n_layers),
         n_heads=int(bb.n_heads), mlp_ratio=int(bb.mlp_ratio),
-        mixer_factory=mixer_factory(w.model, causal=w.causal),
+        mixer_factory=mixer_factory(w.model, causal=w.causal, n_kv_heads=bb.n_kv_heads),
         grad_checkpointing=bool(w.trainer.grad_checkpointing),
         max_len=w.seq_len if task.positions == "learned" else None,
         prev_token=task.prev_token,
@@ -169,7 +169,8 @@ def fidelity(w: Workload, device, result: CellResult, task) -> None:
 
     bb, B, T = w.backbone, w.batch_size, w.seq_len
     torch.manual_seed(w.seed)
-    variant = build_mixer(w.model, d_model=int(bb.d_model), n_heads=int(bb.n_heads), causal=w.causal)
+    variant = build_mixer(w.model, d_model=int(bb.d_model), n_heads=int(bb.n_heads), causal=w.causal,
+                          n_kv_heads=bb.n_kv_heads)
     variant.check_seq_len(T)
     result.params[R.SEED] = w.seed
     if not variant.is_attention:
@@ -183,7 +184,7 @@ def fidelity(w: Workload, device, result: CellResult, task) -> None:
         return
     torch.manual_seed(w.seed)
     reference = build_mixer(load_variant_cfg(task.reference), d_model=int(bb.d_model), n_heads=int(bb.n_heads),
-                            causal=w.causal)
+                            causal=w.causal, n_kv_heads=bb.n_kv_heads)
     if not reference.exact:
         raise ValueError(f"task.reference={task.reference!r} is not an exact variant (exact=False)")
     copy_shared_weights(reference, variant)
