@@ -230,13 +230,15 @@ def check_kv_heads(n_heads: int, n_kv_heads: int | None) -> int:
 
 
 def grouped_scores(q_BHTK: torch.Tensor, k_BhSK: torch.Tensor) -> torch.Tensor:
-    """Q K^T with h <= H key heads, each shared by H/h consecutive query heads: (B, H, T, S),
-    without copying the keys (the query heads of a group ride in a dimension of their own)."""
+    """Q K^T with h <= H key heads, each shared by H/h consecutive query heads: (B, H, T, S).
+    A group's query rows are stacked (G T rows against its one key head), so every key head is
+    read once per call and never copied or broadcast."""
     B, H, T, K = q_BHTK.shape
     h = k_BhSK.shape[1]
     if h == H:
         return q_BHTK @ k_BhSK.transpose(-2, -1)
-    return (q_BHTK.view(B, h, H // h, T, K) @ k_BhSK.unsqueeze(2).transpose(-2, -1)).view(B, H, T, -1)
+    q_BhRK = q_BHTK.reshape(B, h, (H // h) * T, K)  # R = G T rows per key head
+    return (q_BhRK @ k_BhSK.transpose(-2, -1)).view(B, H, T, -1)
 
 
 def grouped_values(p_BHTS: torch.Tensor, v_BhSK: torch.Tensor) -> torch.Tensor:
@@ -245,7 +247,7 @@ def grouped_values(p_BHTS: torch.Tensor, v_BhSK: torch.Tensor) -> torch.Tensor:
     h = v_BhSK.shape[1]
     if h == H:
         return p_BHTS @ v_BhSK
-    return (p_BHTS.view(B, h, H // h, T, S) @ v_BhSK.unsqueeze(2)).view(B, H, T, -1)
+    return (p_BHTS.reshape(B, h, (H // h) * T, S) @ v_BhSK).view(B, H, T, -1)
 
 
 def repeat_kv(x_BhTK: torch.Tensor, n_heads: int) -> torch.Tensor:
