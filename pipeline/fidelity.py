@@ -106,6 +106,35 @@ class Fidelity(Task):
             }
 
 
+# FlashAttention's tests accept a kernel whose error in a dtype is at most twice plain PyTorch's
+# in that dtype, plus a small floor (flash-attention tests/test_flash_attn.py, issue 1849)
+PRECISION_FACTOR, PRECISION_FLOOR = 2.0, 1e-5
+
+
+def precision_errors(reference, variant, x_BTD: torch.Tensor, dtype: torch.dtype) -> tuple[dict[str, float], str]:
+    """The variant run in `dtype` against itself in float32 (its weights cast, the same inputs
+    cast), next to the same error of plain exact attention (`reference`, float32 weights shared
+    with the variant), and the rule's verdict for an exact variant. Both modules stay float32."""
+    import copy
+
+    def err(m) -> float:
+        with torch.no_grad():
+            y32 = m(x_BTD).double()
+            low = copy.deepcopy(m).to(dtype)
+            y = low(x_BTD.to(dtype)).double()
+        return float((y - y32).norm() / y32.norm())
+
+    e_var, e_base = err(variant), err(reference)
+    metrics = {R.QUALITY_REL_ERR_VS_FP32_REF: e_var, R.QUALITY_REL_ERR_TORCH_SAME_DTYPE: e_base}
+    ratio = e_var / e_base if e_base > 0 else float("inf")
+    if not variant.exact:
+        return metrics, f"not judged: {type(variant).__name__} is not exact attention ({ratio:.2f}x plain PyTorch's error)"
+    limit = PRECISION_FACTOR * e_base + PRECISION_FLOOR
+    word = "pass" if e_var <= limit else "fail"
+    return metrics, (f"{word}: {e_var:.3g} vs plain PyTorch {e_base:.3g} in {str(dtype).removeprefix('torch.')} "
+                     f"({ratio:.2f}x; rule <= {PRECISION_FACTOR:g}x + {PRECISION_FLOOR:g})")
+
+
 def copy_shared_weights(src: torch.nn.Module, dst: torch.nn.Module) -> list[str]:
     """Copy every parameter of `src` into the same-named, same-shaped one of `dst`. Raises when
     `dst` lacks one: a fidelity figure on weights that differ would be meaningless."""

@@ -177,6 +177,15 @@ QUALITY_REL_ERR_VS_EXACT = _metric("quality/rel_err_vs_exact", "ratio", "||y - y
 QUALITY_REL_ERR_UNIFORM_MEAN = _metric("quality/rel_err_uniform_mean", "ratio", "the same error of uniform (mean-of-values) attention")
 QUALITY_ATTN_EFF_KEYS = _metric("quality/attn_eff_keys", "keys", "effective number of keys a query attends to (exp of entropy)")
 QUALITY_SCORE_STD = _metric("quality/score_std", "logits", "standard deviation of the exact scores")
+# precision (fidelity cells whose backbone.dtype is not float32): pipeline/fidelity.py precision_errors
+QUALITY_REL_ERR_VS_FP32_REF = _metric("quality/rel_err_vs_fp32_ref", "ratio",
+                                      "||y_dtype - y_fp32|| / ||y_fp32||: the variant in backbone.dtype against the same "
+                                      "variant in float32, same weights (cast) and inputs")
+QUALITY_REL_ERR_TORCH_SAME_DTYPE = _metric("quality/rel_err_torch_same_dtype", "ratio",
+                                           "the same error of plain PyTorch exact attention (the task's reference, "
+                                           "scores materialised) in backbone.dtype: FlashAttention's baseline")
+PRECISION_RULE = _tag("precision_rule", "exact variants: pass/fail of rel_err_vs_fp32_ref <= 2 x rel_err_torch_same_dtype "
+                      "+ floor (FlashAttention's test rule), with the ratio; approximate ones: not judged")
 
 # ---------------------------------------------------------------- metrics: infer
 INFER_LATENCY_MS = _metric("infer/latency_ms", "ms", "median predict latency per batch")

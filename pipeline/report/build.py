@@ -21,6 +21,7 @@ from pipeline.report.document import Doc
 from pipeline.report.figures import variant_colours
 from pipeline.report.lines import MODEL, kernel_lines, quality_groups
 from pipeline.report.load import load_runs
+from pipeline.report.precision import section_precision
 from pipeline.report.tradeoff import section_tradeoff
 
 
@@ -60,6 +61,7 @@ def build_report(experiment: str, sweep_id: str | None = None, out_dir: Path | N
     S.section_memory_wall(doc, lines, budget_gb)
     section_decoding(doc, kernel_lines(cells, "decode"), budget_gb, colours, out_dir)  # none: no section
     section_tradeoff(doc, cells, qgroups, colours, out_dir)
+    section_precision(doc, cells, colours, out_dir)  # no lower-precision fidelity cells: no section
     S.section_failures(doc, cells)
     S.section_provenance(doc, cells)
 

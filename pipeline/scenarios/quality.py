@@ -14,7 +14,9 @@ Batch sizes: training uses the task's `train.batch_size` (the quality figure is 
 the task's whole budget: steps x batch x lr); `infer` and fidelity use the root `batch_size`
 (the grid's cost axis). Arithmetic precision is `trainer.precision` (Lightning's), not
 `backbone.dtype` (the kernel scenario's); fidelity runs in float32, since its figure is about
-the approximation, not the arithmetic.
+the approximation, not the arithmetic. A fidelity cell whose `backbone.dtype` is another one
+also measures the error that dtype adds: the variant in that dtype against itself in float32,
+next to plain PyTorch exact attention's (`quality/rel_err_vs_fp32_ref`, `precision_rule`).
 
     python -m pipeline.run scenario=full task=mqar model=vanilla seq_len=128
 """
@@ -181,6 +183,11 @@ def fidelity(w: Workload, device, result: CellResult, task) -> None:
             f"{type(variant).__name__} does not approximate softmax attention (is_attention=False): "
             "there is no exact output to compare with; see the trained tasks for its quality"
         )
+        if str(bb.dtype) != "float32":  # its own error in the dtype still has a meaning: against itself
+            torch.manual_seed(w.seed)
+            reference = build_mixer(load_variant_cfg(task.reference), d_model=int(bb.d_model), n_heads=int(bb.n_heads),
+                                    causal=w.causal).to(device).eval()
+            _precision(bb, reference, variant.to(device).eval(), task.inputs(reference, B, T, w.seed, device), result)
         return
     torch.manual_seed(w.seed)
     reference = build_mixer(load_variant_cfg(task.reference), d_model=int(bb.d_model), n_heads=int(bb.n_heads),
@@ -193,6 +200,18 @@ def fidelity(w: Workload, device, result: CellResult, task) -> None:
     x_BTD = task.inputs(reference, B, T, w.seed, device)
     result.metrics.update(task.evaluate(reference, variant, x_BTD))
     result.note_backend(variant.backend, [variant])
+    if str(bb.dtype) != "float32":
+        _precision(bb, reference, variant, x_BTD, result)
+
+
+def _precision(bb, reference, variant, x_BTD, result: CellResult) -> None:
+    """The error backbone.dtype adds, against float32, next to plain exact attention's
+    (FlashAttention's rule): pipeline/fidelity.py precision_errors."""
+    from pipeline.fidelity import precision_errors
+
+    metrics, rule = precision_errors(reference, variant, x_BTD, getattr(torch, str(bb.dtype)))
+    result.metrics.update(metrics)
+    result.tags[R.PRECISION_RULE] = rule
 
 
 @register("train")

@@ -205,3 +205,23 @@ def test_fidelity_refuses_mismatched_weights():
 
     with pytest.raises(ValueError, match="same names"):
         copy_shared_weights(nn.Sequential(nn.Linear(4, 4)), Other())
+
+
+@pytest.mark.parametrize("name", discover_variants())
+def test_a_lower_precision_is_measured_against_float32_and_judged_for_exact_variants(name):
+    r = _fidelity(name, "backbone.dtype=bfloat16")
+    err, base = r.metrics[R.QUALITY_REL_ERR_VS_FP32_REF], r.metrics[R.QUALITY_REL_ERR_TORCH_SAME_DTYPE]
+    assert 1e-4 < base < 0.05 and 0 < err < 1  # bfloat16 keeps 8 bits: errors of a few 1e-3
+    rule = r.tags[R.PRECISION_RULE]
+    if name in ("vanilla", "xformers"):
+        assert rule.startswith("pass: ") and "bfloat16" in rule, rule
+    else:
+        assert rule.startswith("not judged: "), rule
+    assert R.QUALITY_REL_ERR_VS_FP32_REF not in _fidelity("vanilla").metrics  # float32 cells: nothing to add
+
+
+def test_an_exact_kernel_that_errs_more_than_plain_pytorch_in_bf16_fails_the_rule():
+    r = _fidelity("vanilla", "model._target_=tests.faults.SloppyInLowPrecision", "model.name=sloppy",
+                  "backbone.dtype=bfloat16")
+    assert r.metrics[R.QUALITY_REL_ERR_VS_FP32_REF] > 2 * r.metrics[R.QUALITY_REL_ERR_TORCH_SAME_DTYPE]
+    assert r.tags[R.PRECISION_RULE].startswith("fail: "), r.tags[R.PRECISION_RULE]

@@ -292,8 +292,9 @@ def test_a_sqlite_store_locked_beyond_its_timeout_or_on_a_full_disk_spools(tmp_p
     monkeypatch.setattr(tracking, "LOCK_TRIES", 1)  # one busy timeout, not eight
     db = tmp_path / "locked.db"
     uri = f"sqlite:///{db}"
-    parent = Tracker(uri, "attnbench").create_run("sweep", {R.SWEEP_ID: "s4", R.ROLE: R.ROLE_SWEEP})
-    monkeypatch.setattr(cell_mod, "_tracker", lambda u, e: Tracker(u, e))
+    tr = Tracker(uri, "attnbench")  # opened before the lock, as a sweep's cells share their open client
+    parent = tr.create_run("sweep", {R.SWEEP_ID: "s4", R.ROLE: R.ROLE_SWEEP})
+    monkeypatch.setattr(cell_mod, "_tracker", lambda u, e: tr)
     sweep = SweepInfo(sweep_id="s4", parent_run_id=parent, sweep_dir=str(tmp_path / "mr"))
     other = sqlite3.connect(db, isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")  # another process holds the file
@@ -314,7 +315,8 @@ def test_a_sqlite_store_locked_beyond_its_timeout_or_on_a_full_disk_spools(tmp_p
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         uri = f"sqlite:///{fs / 'full.db'}"
-        parent = Tracker(uri, "attnbench").create_run("sweep", {R.SWEEP_ID: "s5", R.ROLE: R.ROLE_SWEEP})
+        tr = Tracker(uri, "attnbench")
+        parent = tr.create_run("sweep", {R.SWEEP_ID: "s5", R.ROLE: R.ROLE_SWEEP})
         sweep = SweepInfo(sweep_id="s5", parent_run_id=parent, sweep_dir=str(tmp_path / "mr5"))
         with open(fs / "filler", "wb") as f:
             try:
