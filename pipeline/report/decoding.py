@@ -126,6 +126,25 @@ def _flag_at(line: Line, n: int | None) -> str:
     return FLAG if n and len(line.flagged([n])) else ""
 
 
+def kv_heads(line: Line) -> str:
+    """`H_kv / H` of a line's cells: key/value heads of query heads (grouped-query attention
+    when fewer), from the recorded config; MISSING where not logged."""
+    ok = line.ok()
+    h = _param(ok, "backbone.n_heads")
+    if h is None:
+        return MISSING
+    kv = _param(ok, "backbone.n_kv_heads")
+    return f"{kv if kv is not None else h} / {h}"
+
+
+def _param(rows: pd.DataFrame, key: str) -> int | None:
+    col = R.col(key, "param")
+    if col not in rows:
+        return None
+    v = pd.to_numeric(rows[col], errors="coerce").dropna()
+    return int(v.iloc[0]) if len(v) else None
+
+
 def _exact_word(line: Line) -> str:
     return {True: "yes", False: "no", None: "unknown"}[line.exact]
 
@@ -157,6 +176,7 @@ def section_decoding(doc: Doc, lines: list[Line], budget_gb: float | None, colou
     _state(doc, lines, colours, out)
     _crossovers(doc, lines)
     _context_at_budget(doc, lines, budget_gb)
+    _named_shapes(doc, lines, budget_gb)
 
 
 def _latency(doc: Doc, lines: list[Line], colours: dict, out: Path) -> None:
@@ -173,11 +193,11 @@ def _latency(doc: Doc, lines: list[Line], colours: dict, out: Path) -> None:
     rows = []
     for ln in lines:
         ft, fp = ln.fit(R.DECODE_MS_PER_TOKEN), ln.fit(R.DECODE_PREFILL_MS)
-        rows.append([ln.label, _exact_word(ln), _state_word(line_state_fit(ln)),
+        rows.append([ln.label, _exact_word(ln), kv_heads(ln), _state_word(line_state_fit(ln)),
                      _exponent(ft, ln), fmt_lengths(ft.lengths) if ft else MISSING,
                      fmt(_at(ln, R.DECODE_MS_PER_TOKEN, n)) + _flag_at(ln, n), fmt(_at(ln, R.DECODE_TOKENS_PER_S, n)),
                      _exponent(fp, ln), fmt(_at(ln, R.DECODE_PREFILL_MS, n)) + _flag_at(ln, n)])
-    doc.table(["variant", "exact", "state", "ms/token exp.", "fit lengths", f"ms/token{at}",
+    doc.table(["variant", "exact", "KV heads", "state", "ms/token exp.", "fit lengths", f"ms/token{at}",
                f"tokens/s{at}", "prefill exp.", f"prefill ms{at}"], rows)
     if not n:
         doc.p("No length ran ok on every decode line, so no common-length columns.")
@@ -249,3 +269,44 @@ def _context_at_budget(doc: Doc, lines: list[Line], budget_gb: float | None) -> 
         rows.append([ln.label, why, _state_word(fit), pred,
                      f"{logged:,.0f}" if logged is not None else MISSING])
     doc.table(["variant", "budget", "state", "context at budget", f"`{R.DECODE_CONTEXT_AT_BUDGET}`"], rows)
+
+
+# deployed decoder shapes: (name, layers, query heads, key/value heads, head dim). Llama-3-8B:
+# 32 layers, 32 query heads of 128, 8 KV heads (its config.json); Falcon-7B: 32 layers, 71 heads
+# of 64, one KV head (multi-query)
+NAMED_SHAPES = (
+    ("Llama-3-8B-like, grouped (GQA)", 32, 32, 8, 128),
+    ("the same, multi-head", 32, 32, 32, 128),
+    ("the same, multi-query (MQA)", 32, 32, 1, 128),
+    ("Falcon-7B-like, multi-query", 32, 71, 1, 64),
+)
+
+
+def kv_cache_bytes_per_token(layers: int, n_heads: int, n_kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
+    """One token's KV cache over the model's layers, from exact attention's own `state_bytes`
+    (a keys and a values row of H_kv heads per layer), built on the meta device: no weights."""
+    import torch
+
+    from models.vanilla import VanillaAttention
+
+    with torch.device("meta"):
+        attn = VanillaAttention(d_model=n_heads * head_dim, n_heads=n_heads, n_kv_heads=n_kv_heads)
+    return layers * attn.state_bytes(1, 1, dtype_bytes)
+
+
+def _named_shapes(doc: Doc, lines: list[Line], budget_gb: float | None) -> None:
+    doc.h(3, "KV cache of deployed shapes (analytic)")
+    budget = 80.0 if budget_gb is None else float(budget_gb)
+    doc.p("The KV cache that exact attention's decoding state implies for a few deployed decoder shapes, in "
+          f"bf16, per token and at 8,192 tokens, and the context whose cache alone fills {fmt(budget)} GB "
+          f"({'the report budget' if budget_gb is not None else 'an 80 GB GPU; --budget-gb sets another'}; "
+          "weights and activations come on top). Grouped-query attention divides the cache by H / H_kv. "
+          "The same formula is the analytic column of the state table above, which the measured "
+          "cells match at small scale.")
+    rows = []
+    for name, layers, h, kv, k in NAMED_SHAPES:
+        per_token = kv_cache_bytes_per_token(layers, h, kv, k)
+        rows.append([name, f"{layers}", f"{kv} / {h}", f"{k}", f"{per_token / 2**10:,.0f} KiB",
+                     f"{per_token * 8192 / 2**30:,.2f} GiB", f"{budget * 1e9 / per_token:,.0f}"])
+    doc.table(["shape", "layers", "KV heads", "head dim", "KV cache per token", "at 8,192 tokens",
+               "tokens at the budget"], rows)

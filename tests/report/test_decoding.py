@@ -92,8 +92,8 @@ def test_decoding_section_in_report(built, store):
     path, md, _ = built
     assert md.index("## 5.") < md.index("## Decoding") < md.index("## 6.")
     sec = _decoding(md)
-    assert "| vanilla | yes | grows: 512 B per token | 1.00 |" in sec
-    assert "| longformer | no | constant (1 MiB) | 0.00 |" in sec
+    assert "| vanilla | yes | 2 / 2 | grows: 512 B per token | 1.00 |" in sec  # KV heads / query heads
+    assert "| longformer | no | 2 / 2 | constant (1 MiB) | 0.00 |" in sec
     for (eff, ex) in (("longformer", "vanilla"), ("performer", "xformers")):
         n = store.expected[(eff, ex, "decode")]
         assert f"n ≈ {n:,.0f}" in table_row(sec, eff, ex)
@@ -109,6 +109,12 @@ def test_decoding_section_in_report(built, store):
     assert table_row(state, "longformer").endswith("| 1 / 1 |")
     for name in ("decode_latency.png", "decode_state.png"):
         assert (path / name).stat().st_size > 0, name
+    # deployed shapes: Llama-3-8B's cache is 128 KiB a token in bf16 (2 x 32 layers x 8 heads x 128
+    # x 2 B); multi-head would be 4x that, multi-query 1/8
+    shapes = sec.split("### KV cache of deployed shapes (analytic)")[1]
+    assert "| Llama-3-8B-like, grouped (GQA) | 32 | 8 / 32 | 128 | 128 KiB | 1.00 GiB |" in shapes
+    assert "| the same, multi-head | 32 | 32 / 32 | 128 | 512 KiB | 4.00 GiB |" in shapes
+    assert "| the same, multi-query (MQA) | 32 | 1 / 32 | 128 | 16 KiB |" in shapes
 
 
 def test_no_decode_cells_no_section(tmp_path):
