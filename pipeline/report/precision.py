@@ -82,6 +82,6 @@ def section_precision(doc: Doc, cells: pd.DataFrame, colours: dict, out: Path) -
                      else MISSING for x in ns]
         fit = fit_power_law(n, err, largest=len(n)) if len(n) >= 2 else None
         rows.append([ln.label, {True: "yes", False: "no", None: "unknown"}[ln.exact], *cells_txt,
-                     f"{fit.exponent:.2f}" if fit else MISSING, rule_verdict(ln)])
+                     f"{fit.exponent:.2f}".replace("-0.00", "0.00") if fit else MISSING, rule_verdict(ln)])
     doc.table(["variant", "exact", *(f"n = {x:,}" for x in ns), "slope", "FlashAttention's rule"], rows)
     doc.p("Each cell: the error, and in brackets its ratio to plain PyTorch's in the same dtype at that n.")

@@ -92,9 +92,9 @@ def test_store_down_for_some_calls_spools_then_replays_each_cell_once(tmp_path, 
     monkeypatch.setattr(cell_mod, "_tracker", lambda uri, experiment: tr)
     sweep = SweepInfo(sweep_id="s1", parent_run_id=parent, sweep_dir=str(tmp_path / "mr"))
     lines: list[str] = []
-    monkeypatch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
-    statuses = [run_cell(_cell(store_uri, exp, "model=vanilla", f"seq_len={n}"), sweep=sweep) for n in (16, 24, 32, 40)]
-    monkeypatch.undo()
+    with monkeypatch.context() as m:
+        m.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+        statuses = [run_cell(_cell(store_uri, exp, "model=vanilla", f"seq_len={n}"), sweep=sweep) for n in (16, 24, 32, 40)]
     assert statuses == ["ok"] * 4
     assert tr.client.failed > 0
     kept = spool.pending(tmp_path / "mr" / spool.SPOOL)
@@ -192,7 +192,7 @@ def test_offline_sweep_spools_everything_then_a_sweep_replays_it_first_and_reuse
 
 @pytest.mark.slow  # about 70 s each: a live server, killed for longer than the client's retry budget
 @pytest.mark.parametrize("back", ["mid-sweep", "after the sweep"])
-def test_server_down_longer_than_its_retries(tmp_path, back):
+def test_server_down_longer_than_its_retries(tmp_path, back, monkeypatch):
     """The real `mlflow server` killed after the second cell, with the client's retries cut to a
     few seconds (MLflow's own settings) so that the outage outlasts them. Back 25 s later: the
     sweep spools what it could not record, goes on, replays its spool itself and exits 0. Back
@@ -244,11 +244,8 @@ def test_server_down_longer_than_its_retries(tmp_path, back):
             assert "waiting in" in text and "make replay" in text
             assert len(spool.pending(tmp_path / "mr" / spool.SPOOL, spool.CELL)) == n_cells - 2
             uri, server = start_mlflow_server(d, port, base)
-            os.environ["ATTNBENCH_CACHE"] = env["ATTNBENCH_CACHE"]
-            try:
-                assert replay_main([str(tmp_path / "mr"), "--no-report"]) == 0
-            finally:
-                del os.environ["ATTNBENCH_CACHE"]
+            monkeypatch.setenv("ATTNBENCH_CACHE", env["ATTNBENCH_CACHE"])
+            assert replay_main([str(tmp_path / "mr"), "--no-report"]) == 0
         runs = Tracker(uri, "attnbench").search("")
     finally:
         if sweep.poll() is None:
@@ -266,7 +263,7 @@ def test_server_down_longer_than_its_retries(tmp_path, back):
     assert not spool.pending(tmp_path / "mr" / spool.SPOOL)
 
 
-def test_a_task_lost_on_the_cluster_is_spooled_without_overwriting_its_own_record(tmp_path):
+def test_a_task_lost_on_the_cluster_is_spooled_without_overwriting_its_own_record(tmp_path, cache):
     from pipeline.slurm_array import spool_lost
 
     d = _cell("sqlite:////nonexistent/x.db", "lost", "seq_len=16")
