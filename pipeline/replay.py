@@ -79,7 +79,8 @@ def _write_run(tr, path: Path, rec: spool.RunRecord, parent_run_id: str | None, 
 
 
 def _ours(tr, rec: spool.RunRecord, any_store: bool) -> bool:
-    return any_store or ((rec.uri or tracking.tracking_uri()) == tr.uri and rec.experiment == tr.experiment)
+    """A record for this tracker: its experiment, and its store unless `any_store` (--uri)."""
+    return rec.experiment == tr.experiment and (any_store or (rec.uri or tracking.tracking_uri()) == tr.uri)
 
 
 def replay_dir(tr, spool_dir: str | Path, sweep_id: str | None = None, any_store: bool = False,

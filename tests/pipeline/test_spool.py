@@ -331,3 +331,19 @@ def test_a_sqlite_store_locked_beyond_its_timeout_or_on_a_full_disk_spools(tmp_p
         assert [(r.data.tags[R.STATUS], r.info.status) for r in runs] == [("ok", "FINISHED")]
     finally:
         subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+def test_replay_into_another_store_keeps_each_record_in_its_experiment(tmp_path, cache, capsys):
+    from pipeline.replay import main as replay_main
+
+    d = tmp_path / "mr" / spool.SPOOL
+    for exp in ("exp-a", "exp-b"):
+        spool.write(d, spool.RunRecord(kind=spool.CELL, uri="http://unreachable:1", experiment=exp, sweep_id=None,
+                                       name=f"{exp}-cell", config_hash=f"h-{exp}", params={R.SEQ_LEN: 16},
+                                       tags={R.STATUS: "ok"}, metrics={R.KERNEL_FWD_MS: 1.0}, status="ok"))
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    assert replay_main([str(tmp_path / "mr"), "--uri", uri, "--no-report"]) == 0
+    assert "2 cell(s)" in capsys.readouterr().out
+    for exp in ("exp-a", "exp-b"):
+        assert [r.info.run_name for r in Tracker(uri, exp).search("")] == [f"{exp}-cell"]
+    assert replay_main(["/nonexistent/folder"]) == 2
