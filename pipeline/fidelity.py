@@ -111,6 +111,11 @@ class Fidelity(Task):
 PRECISION_FACTOR, PRECISION_FLOOR = 2.0, 1e-5
 
 
+def within_rule(err: float, baseline: float) -> bool:
+    """FlashAttention's rule: an error at most PRECISION_FACTOR x plain PyTorch's plus the floor."""
+    return err <= PRECISION_FACTOR * baseline + PRECISION_FLOOR
+
+
 def precision_errors(reference, variant, x_BTD: torch.Tensor, dtype: torch.dtype) -> tuple[dict[str, float], str]:
     """The variant run in `dtype` against itself in float32 (its weights cast, the same inputs
     cast), next to the same error of plain exact attention (`reference`, float32 weights shared
@@ -129,8 +134,7 @@ def precision_errors(reference, variant, x_BTD: torch.Tensor, dtype: torch.dtype
     ratio = e_var / e_base if e_base > 0 else float("inf")
     if not variant.exact:
         return metrics, f"not judged: {type(variant).__name__} is not exact attention ({ratio:.2f}x plain PyTorch's error)"
-    limit = PRECISION_FACTOR * e_base + PRECISION_FLOOR
-    word = "pass" if e_var <= limit else "fail"
+    word = "pass" if within_rule(e_var, e_base) else "fail"
     return metrics, (f"{word}: {e_var:.3g} vs plain PyTorch {e_base:.3g} in {str(dtype).removeprefix('torch.')} "
                      f"({ratio:.2f}x; rule <= {PRECISION_FACTOR:g}x + {PRECISION_FLOOR:g})")
 

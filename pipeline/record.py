@@ -116,6 +116,8 @@ MEMORY_ORDER = _tag("memory_order", "the variant's promised memory order in n")
 CAPABILITY_TAGS = (EXACT, IS_ATTENTION, MATERIALISES_SCORES, TIME_ORDER, MEMORY_ORDER)
 
 # ---------------------------------------------------------------- the experiment
+# MLflow's own tag that nests a cell's run under its sweep's run
+PARENT_RUN = "mlflow.parentRunId"
 # MLflow 3's UI opens an experiment by its kind: a model-training one on its runs table
 EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND_TRAINING = "custom_model_development"
@@ -261,6 +263,7 @@ ROUND = "round"  # which round of a sweep with rounds > 1 a cell is (a replicate
 BATCH_SIZE = "batch_size"
 D_MODEL = "backbone.d_model"
 N_HEADS = "backbone.n_heads"
+N_KV_HEADS = "backbone.n_kv_heads"  # key/value heads (grouped-query attention); absent: as many as N_HEADS
 DTYPE = "backbone.dtype"
 PRECISION = "trainer.precision"
 GRAD_CHECKPOINTING = "trainer.grad_checkpointing"

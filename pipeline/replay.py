@@ -69,8 +69,8 @@ def _write_run(tr, path: Path, rec: spool.RunRecord, parent_run_id: str | None, 
         spool.write(path.parent, rec)  # an interrupted replay finds this run again
     else:
         rec.run_id = run.info.run_id
-        if parent_run_id and run.data.tags.get("mlflow.parentRunId") != parent_run_id:
-            tr.set_tag(rec.run_id, "mlflow.parentRunId", parent_run_id)
+        if parent_run_id and run.data.tags.get(R.PARENT_RUN) != parent_run_id:
+            tr.set_tag(rec.run_id, R.PARENT_RUN, parent_run_id)
     tr.log(rec.run_id, params=rec.params, tags=rec.tags, metrics=rec.metrics,
            series=rec.series, timestamp_ms=rec.timestamp_ms)
     for name, a in rec.artifacts.items():

@@ -297,7 +297,7 @@ class Tracker:
                    start_time: int | None = None) -> str:
         tags = {k: str(v) for k, v in tags.items()}
         if parent_run_id:
-            tags["mlflow.parentRunId"] = parent_run_id
+            tags[R.PARENT_RUN] = parent_run_id
         run = _retry(lambda: self.client.create_run(self.experiment_id, start_time=start_time, tags=tags, run_name=name))
         return run.info.run_id
 

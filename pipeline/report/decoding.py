@@ -22,7 +22,7 @@ from pipeline.report.analysis import FIT_POINTS, Crossover, crossover, median_pe
 from pipeline.report.document import Doc
 from pipeline.report.figures import plot_scaling
 from pipeline.report.format import MISSING, fmt, fmt_lengths
-from pipeline.report.lines import FLAG, Line, memory_budget_mb
+from pipeline.report.lines import FLAG, Line, logged_values, memory_budget_mb
 
 SCENARIO = "decode"
 # scenario.new_tokens: a schema field (pipeline/schema.py), recorded as a flattened config param
@@ -129,20 +129,10 @@ def _flag_at(line: Line, n: int | None) -> str:
 def kv_heads(line: Line) -> str:
     """`H_kv / H` of a line's cells: key/value heads of query heads (grouped-query attention
     when fewer), from the recorded config; MISSING where not logged."""
-    ok = line.ok()
-    h = _param(ok, "backbone.n_heads")
-    if h is None:
+    h, kv = (logged_values(line.ok(), key, "param") for key in (R.N_HEADS, R.N_KV_HEADS))
+    if h.empty:
         return MISSING
-    kv = _param(ok, "backbone.n_kv_heads")
-    return f"{kv if kv is not None else h} / {h}"
-
-
-def _param(rows: pd.DataFrame, key: str) -> int | None:
-    col = R.col(key, "param")
-    if col not in rows:
-        return None
-    v = pd.to_numeric(rows[col], errors="coerce").dropna()
-    return int(v.iloc[0]) if len(v) else None
+    return f"{int(kv.iloc[0]) if len(kv) else int(h.iloc[0])} / {int(h.iloc[0])}"
 
 
 def _exact_word(line: Line) -> str:

@@ -161,10 +161,16 @@ FLAG = "†"  # marks a figure behind which a cell is not `stable`
 def kernel_lines(cells: pd.DataFrame, scenario: str = "kernel") -> list[Line]:
     """The cells of one scenario (kernel by default; decode has the same shape: a variant
     across lengths) as lines, sorted by variant and axis values."""
-    k = cells[cells[SCENARIO] == scenario]
+    return lines_of(cells[cells[SCENARIO] == scenario])
+
+
+def lines_of(k: pd.DataFrame, always: Sequence[str] = ()) -> list[Line]:
+    """Cells as lines: a variant at fixed values of every axis that varies (and of the params in
+    `always`, named in every label even when they do not vary), across lengths."""
     if k.empty or SEQ_LEN not in k:
         return []
     axes = varying_axes(k)
+    axes = [a for a in always if a in k and a not in axes] + axes
     lines = []
     for key, g in k.groupby([MODEL] + axes, dropna=False, sort=True):
         key = key if isinstance(key, tuple) else (key,)
@@ -307,12 +313,12 @@ def memory_budget_mb(line: Line, budget_gb: float | None) -> tuple[float | None,
     (GiB, x1024). Never this machine's memory: the cells may have run elsewhere."""
     if budget_gb is not None:
         return budget_gb * 1024, f"{budget_gb:g} GiB (--budget-gb)"
-    logged = _logged(line.rows, R.BUDGET_MEM_MB)
+    logged = logged_values(line.rows, R.BUDGET_MEM_MB)
     if len(logged):
         mb = float(logged.min())
         several = ", the smallest of its cells" if logged.nunique() > 1 else ""
         return mb, f"{mb / 1024:.2f} GiB (logged {R.BUDGET_MEM_MB}{several})"
-    logged = _logged(line.rows, R.DEVICE_MEMORY_GB)
+    logged = logged_values(line.rows, R.DEVICE_MEMORY_GB)
     if len(logged):
         gb = float(logged.max())
         return gb * 1024, f"{gb:g} GiB (logged {R.DEVICE_MEMORY_GB})"
@@ -321,6 +327,7 @@ def memory_budget_mb(line: Line, budget_gb: float | None) -> tuple[float | None,
                   f"no {R.BUDGET_MEM_MB} logged; pass --budget-gb")
 
 
-def _logged(rows: pd.DataFrame, param: str) -> pd.Series:
-    col = R.col(param)
+def logged_values(rows: pd.DataFrame, param: str, kind: str | None = None) -> pd.Series:
+    """A logged param's numeric values over the rows (none: empty); `kind` as in R.col."""
+    col = R.col(param, kind)
     return pd.to_numeric(rows[col], errors="coerce").dropna() if col in rows else pd.Series(dtype=float)

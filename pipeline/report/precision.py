@@ -13,35 +13,23 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline import record as R
-from pipeline.fidelity import PRECISION_FACTOR, PRECISION_FLOOR
+from pipeline.fidelity import PRECISION_FACTOR, PRECISION_FLOOR, within_rule
 from pipeline.report.analysis import fit_power_law
 from pipeline.report.document import Doc
 from pipeline.report.figures import plot_scaling
 from pipeline.report.format import MISSING, fmt
-from pipeline.report.lines import MODEL, SEQ_LEN, Line, _exact_of, varying_axes
+from pipeline.report.lines import Line, lines_of
 
 ERR = R.QUALITY_REL_ERR_VS_FP32_REF
 BASE = R.QUALITY_REL_ERR_TORCH_SAME_DTYPE
-DTYPE = R.col("backbone.dtype", "param")
+DTYPE = R.col(R.DTYPE, "param")
 
 
 def precision_lines(cells: pd.DataFrame) -> list[Line]:
     """The cells that measured a dtype's error, as lines: a variant (and its other axes, the
-    dtype among them) across lengths."""
+    dtype among them, named even when only one ran) across lengths."""
     col = R.col(ERR)
-    if col not in cells or SEQ_LEN not in cells:
-        return []
-    k = cells[cells[col].notna()]
-    if k.empty:
-        return []
-    axes = varying_axes(k)
-    if DTYPE in k and DTYPE not in axes:  # one dtype only: still say which
-        axes = [DTYPE, *axes]
-    lines = []
-    for key, g in k.groupby([MODEL] + axes, dropna=False, sort=True):
-        key = key if isinstance(key, tuple) else (key,)
-        lines.append(Line(str(key[0]), dict(zip(axes, key[1:])), g, _exact_of(g)))
-    return lines
+    return lines_of(cells[cells[col].notna()], always=(DTYPE,)) if col in cells else []
 
 
 def rule_verdict(line: Line) -> str:
@@ -52,7 +40,7 @@ def rule_verdict(line: Line) -> str:
     nb, base = line.series(BASE)
     if len(n) == 0 or len(n) != len(nb):
         return MISSING
-    failing = [int(x) for x, e, b in zip(n, err, base) if e > PRECISION_FACTOR * b + PRECISION_FLOOR]
+    failing = [int(x) for x, e, b in zip(n, err, base) if not within_rule(e, b)]
     return "pass at every n" if not failing else "fails at n = " + ", ".join(f"{x:,}" for x in failing)
 
 
