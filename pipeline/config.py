@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.registry import CONF_DIR
-from pipeline.schema import ConfigError, check, in_hash
+from pipeline.schema import ConfigError, check, drop_unset, in_hash
 
 __all__ = ["Cell", "ConfigError", "config_hash", "family_hash", "flatten", "to_dict", "validate"]
 
@@ -46,12 +46,7 @@ def to_dict(cfg: DictConfig | Mapping) -> dict[str, Any]:
     else:
         d = dict(cfg)
     d.pop("hydra", None)
-    bb = d.get("backbone")
-    if isinstance(bb, Mapping) and "n_kv_heads" in bb and bb["n_kv_heads"] is None:
-        # unset (multi-head) is the config as it was before the field existed: the same identity
-        # (config_hash), params and report lines as the runs recorded then
-        d["backbone"] = {k: v for k, v in bb.items() if k != "n_kv_heads"}
-    return d
+    return drop_unset(d)
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

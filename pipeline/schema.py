@@ -30,9 +30,12 @@ class ConfigError(ValueError):
     """An impossible or unknown setting; its message is one line naming the field."""
 
 
-def _f(default: Any, role: str, why: str, check: str | None = None):
-    """A schema field: its default, its role, a one-line reason, and a check (see _CHECKS)."""
-    return field(default=default, metadata={"role": role, "why": why, "check": check})
+def _f(default: Any, role: str, why: str, check: str | None = None, absent_when_null: bool = False):
+    """A schema field: its default, its role, a one-line reason, and a check (see _CHECKS).
+    `absent_when_null`: a field added after cells were recorded without it; left unset (null) it
+    is dropped from the config (`drop_unset`), so those cells keep their identity."""
+    return field(default=default, metadata={"role": role, "why": why, "check": check,
+                                            "absent_when_null": absent_when_null})
 
 
 # ----------------------------------------------------------------------------- groups
@@ -44,7 +47,7 @@ class Backbone:
     n_layers: int = _f(2, AXIS, "blocks of the token model", "positive")
     n_heads: int = _f(4, AXIS, "attention heads H (head dim D / H)", "positive")
     n_kv_heads: Any = _f(None, AXIS, "key/value heads H_kv: null = n_heads; a divisor of n_heads (grouped-query "
-                         "attention; 1: multi-query)", "positive_or_null")
+                         "attention; 1: multi-query)", "positive_or_null", absent_when_null=True)
     mlp_ratio: int = _f(4, AXIS, "MLP hidden width / D", "positive")
     dtype: str = _f("float32", AXIS, "parameter and activation dtype", "dtype")
 
@@ -206,6 +209,19 @@ def role(key: str) -> str | None:
     cls = GROUPS.get(head)
     f = _fields(cls).get(rest) if cls else None
     return f.metadata["role"] if f else None
+
+
+def drop_unset(d: dict[str, Any]) -> dict[str, Any]:
+    """The config without the `absent_when_null` fields that are null: such a config is the one
+    recorded before the field existed (the same config_hash, params and report lines)."""
+    for group, cls in GROUPS.items():
+        section = d.get(group)
+        if cls is None or not isinstance(section, Mapping):
+            continue
+        unset = [k for k, f in _fields(cls).items() if f.metadata.get("absent_when_null") and section.get(k, 0) is None]
+        if unset:
+            d[group] = {k: v for k, v in section.items() if k not in unset}
+    return d
 
 
 def in_hash(key: str) -> bool:
