@@ -42,7 +42,7 @@ def _get_run(tr, run_id: str | None):
     if not run_id:
         return None
     try:
-        run = tracking._retry(lambda: tr.client.get_run(run_id))
+        run = tr.get_run(run_id)
     except Exception as e:  # noqa: BLE001
         if spool.is_outage(e):
             raise

@@ -446,14 +446,14 @@ def test_a_store_created_by_a_plain_client_at_the_same_moment_is_used(tmp_path):
 
 
 def test_a_new_store_appears_whole_and_an_existing_path_is_never_replaced(tmp_path):
-    from pipeline.tracking import _create_store_whole
+    from pipeline.store_open import create_store_whole
 
     taken = tmp_path / "taken.db"
     taken.write_bytes(b"")  # another client's connect has just created it
-    _create_store_whole(f"sqlite:///{taken}")
+    create_store_whole(f"sqlite:///{taken}")
     assert taken.read_bytes() == b""
     fresh = tmp_path / "sub" / "fresh.db"
-    _create_store_whole(f"sqlite:///{fresh}")
+    create_store_whole(f"sqlite:///{fresh}")
     assert fresh.stat().st_size > 0 and sorted(p.name for p in fresh.parent.iterdir()) == ["fresh.db"]
     assert Tracker(f"sqlite:///{fresh}", "x").search("") == []
 
