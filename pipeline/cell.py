@@ -172,13 +172,8 @@ def _reusable(tr, h: str, spool_dir: Path) -> tuple[str | None, dict] | None:
     """An earlier finished ok run of this cell: (its run id, its metrics) from the store, or
     (None, metrics) from a spool while the store is away; None if there is none."""
     if tr is not None:
-        try:
-            prev = tr.find_reusable(h)
-        except Exception as e:  # noqa: BLE001
-            if not spool.is_outage(e):
-                raise
-            tr.down = spool.one_line(e)
-        else:
+        answered, prev = spool.attempt(tr, lambda: tr.find_reusable(h))
+        if answered:
             return (prev.info.run_id, prev.data.metrics) if prev is not None else None
     rec = spool.find_ok(list(dict.fromkeys([spool_dir.resolve(), *spool.known_spools()])), h)
     return (None, rec.metrics) if rec is not None else None
@@ -190,14 +185,9 @@ def _note_reuse(tr, sweep: SweepInfo | None, h: str, run_id: str | None, name: s
     while the store or the sweep's run is away, a small record in the spool does it later."""
     if sweep is None:
         return
-    if tr is not None and run_id and sweep.parent_run_id and not tr.down:
-        try:
-            tr.set_tag(sweep.parent_run_id, f"{R.REUSED_PREFIX}{h}", run_id)
-            return
-        except Exception as e:  # noqa: BLE001
-            if not spool.is_outage(e):
-                raise
-            tr.down = spool.one_line(e)
+    if (tr is not None and run_id and sweep.parent_run_id and not tr.down
+            and spool.attempt(tr, lambda: tr.set_tag(sweep.parent_run_id, f"{R.REUSED_PREFIX}{h}", run_id))[0]):
+        return
     spool.write(spool_dir, spool.RunRecord(kind=spool.REUSE, uri=uri, experiment=experiment, sweep_id=sweep.sweep_id,
                                            name=name, run_id=run_id, parent_run_id=sweep.parent_run_id, config_hash=h,
                                            status="ok"))

@@ -160,7 +160,7 @@ def replay_known(tr, say: Callable[[str], None] = print) -> Replayed:
     """Every listed spool's records for this store (a sweep's start: then it reuses them). A
     store that goes away meanwhile leaves the rest waiting, with one line."""
     done = Replayed()
-    dirs = spool.known_spools()
+    dirs = spool.known_spools(prune=True)
     try:
         for _ in range(2):  # a second pass: a reuse whose cell was in a spool replayed after its own
             for d in dirs:
@@ -168,7 +168,7 @@ def replay_known(tr, say: Callable[[str], None] = print) -> Replayed:
     except Exception as e:  # noqa: BLE001
         if not spool.is_outage(e):
             raise
-        say(f"replay of the spools stopped: {spool.one_line(e)}")
+        say(f"replay of the spools stopped: {spool.outage_line(e)}")
     if done.cells or done.reuses:
         say(f"replayed {done.cells} spooled cell(s) of earlier sweeps into the store first")
     return done
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-report", action="store_true", help="do not build the reports of the sweeps replayed")
     args = ap.parse_args(argv)
     try:
-        dirs = [_spool_of(a) for a in args.dirs] if args.dirs else spool.known_spools()
+        dirs = [_spool_of(a) for a in args.dirs] if args.dirs else spool.known_spools(prune=True)
     except ValueError as e:
         print(f"replay: error: {e}", file=sys.stderr)
         return 2
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001
             if not spool.is_outage(e):
                 raise
-            print(f"[attnbench] the store went away during the replay: {spool.one_line(e)}")
+            print(f"[attnbench] the store went away during the replay: {spool.outage_line(e)}")
     left = sum(len(spool.pending(d)) for d in dirs)
     print(f"[attnbench] replay: {total.cells} cell(s) and {total.reuses} reuse(s) recorded, {len(total.sweeps)} sweep(s) closed"
           + (f"; {left} record(s) still waiting: run make replay again once the store answers" if left else ""))

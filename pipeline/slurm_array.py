@@ -155,7 +155,7 @@ def record_lost(tr, sweep, d: dict[str, Any], job_id: str, status: str, reason: 
     gets `status` and `reason`; a cell whose task never got as far as its run (cancelled while
     pending, failed at start-up) gets a run saying so, under the sweep's parent."""
     from pipeline import tracking
-    from pipeline.config import config_hash, family_hash, flatten
+    from pipeline.config import config_hash, flatten
 
     runs = _runs_of_job(tr, sweep, job_id)
     if not runs and sweep is not None:  # a run from before the task had its job tag
@@ -169,12 +169,20 @@ def record_lost(tr, sweep, d: dict[str, Any], job_id: str, status: str, reason: 
             tr.set_tag(r.info.run_id, R.FAILURE_REASON, f"{reason}: {r.data.tags.get(R.FAILURE_REASON, '')}"[:5000])
     if runs or sweep is None:
         return
-    tags = {R.MODEL: d["model"]["name"], R.SCENARIO: d["scenario"]["name"], R.TASK: d["task"]["name"],
-            R.CONFIG_HASH: config_hash(d), R.FAMILY_HASH: family_hash(d), R.SWEEP_ID: sweep.sweep_id,
-            R.SLURM_JOB_ID: job_id, R.STATUS: status, R.FAILURE_REASON: reason, **tracking.host_tags()}
+    tags = {**_lost_tags(sweep, d, job_id), R.STATUS: status, R.FAILURE_REASON: reason}
     run = tr.create_run(tracking.run_name(d), tags, sweep.parent_run_id)
     tr.log(run, params=flatten(d))
     tr.end_run(run, status)
+
+
+def _lost_tags(sweep, d: dict[str, Any], job_id: str) -> dict[str, str]:
+    """The identity tags of the run of a cell whose task ended without a result."""
+    from pipeline import tracking
+    from pipeline.config import config_hash, family_hash
+
+    return {R.MODEL: d["model"]["name"], R.SCENARIO: d["scenario"]["name"], R.TASK: d["task"]["name"],
+            R.CONFIG_HASH: config_hash(d), R.FAMILY_HASH: family_hash(d), R.SWEEP_ID: sweep.sweep_id,
+            R.SLURM_JOB_ID: job_id, **tracking.host_tags()}
 
 
 def spool_lost(spool_dir: Path, sweep, d: dict[str, Any], job_id: str, status: str, reason: str) -> None:
@@ -189,9 +197,7 @@ def spool_lost(spool_dir: Path, sweep, d: dict[str, Any], job_id: str, status: s
         kind=spool.CELL, uri=tracking.tracking_uri(tcfg.get("uri")), experiment=tcfg.get("experiment", "attnbench"),
         sweep_id=sweep.sweep_id, name=tracking.run_name(d), parent_run_id=sweep.parent_run_id, config_hash=h,
         family_hash=family_hash(d), seq_len=int(d["seq_len"]), params=flatten(d), status=status,
-        create_tags={R.MODEL: d["model"]["name"], R.SCENARIO: d["scenario"]["name"], R.TASK: d["task"]["name"],
-                     R.CONFIG_HASH: h, R.FAMILY_HASH: family_hash(d), R.SWEEP_ID: sweep.sweep_id,
-                     R.SLURM_JOB_ID: job_id, **tracking.host_tags()},
+        create_tags=_lost_tags(sweep, d, job_id),
         tags={R.STATUS: status, R.FAILURE_REASON: reason}, why="the task ended without a result")
     if not (spool_dir / rec.file_name()).exists():  # the task's own record, if it kept one, stands
         spool.write(spool_dir, rec)

@@ -32,7 +32,6 @@ from typing import Any
 from pipeline.registry import cache_dir
 
 SPOOL = "spool"  # the folder under a sweep's (or a single cell's) output folder
-FORMAT = 1
 CELL, SWEEP, REUSE = "cell", "sweep", "reuse"  # a cell's run, a sweep's parent run, a reuse of a spooled cell
 EXIT_WAITING = 3  # a sweep's exit status while cells of it wait in a spool
 
@@ -58,11 +57,24 @@ def is_outage(e: BaseException) -> bool:
     return code in _OUTAGE_CODES or any(w in text for w in _OUTAGE_WORDS)
 
 
-def one_line(e: BaseException) -> str:
+def outage_line(e: BaseException) -> str:
     """The error in one line: the line of its message that says what is away, else its first."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()] or [""]
     text = next((line for line in lines if any(w in line.lower() for w in _OUTAGE_WORDS)), lines[0])
     return f"{type(e).__name__}: {text}"[:300]
+
+
+def attempt(tr, call: Callable[[], Any]) -> tuple[bool, Any]:
+    """(True, call()) while the store answers; (False, None) on an outage, which is noted on the
+    tracker (`tr.down`, so the next runs probe before they wait on it again). Any other failure
+    of the call is raised: the store refused the request."""
+    try:
+        return True, call()
+    except Exception as e:
+        if not is_outage(e):
+            raise
+        tr.down = outage_line(e)
+        return False, None
 
 
 def now_ms() -> int:
@@ -95,7 +107,6 @@ class RunRecord:
     timestamp_ms: int = field(default_factory=now_ms)  # every metric's timestamp: writing twice lands once
     why: str = ""  # the failure that sent it here
     report: bool = False  # a sweep's run: build the sweep's report once its cells are in the store
-    format: int = FORMAT
 
     def file_name(self) -> str:
         return f"{self.kind}-{self.sweep_id or 'none'}-{self.config_hash or 'sweep'}.json"
@@ -167,18 +178,20 @@ def remember(spool_dir: Path) -> None:
             f.write(line + "\n")
 
 
-def known_spools() -> list[Path]:
-    """Spool folders listed by earlier sweeps that still hold records; emptied ones leave the list."""
+def known_spools(prune: bool = False) -> list[Path]:
+    """Spool folders listed by earlier sweeps that still hold records; with `prune` (a replay),
+    emptied ones also leave the list."""
     idx = _index()
     if not idx.exists():
         return []
     with open(idx, "r+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        fcntl.flock(f, fcntl.LOCK_EX if prune else fcntl.LOCK_SH)
         dirs = [Path(line) for line in dict.fromkeys(f.read().splitlines()) if line.strip()]
         keep = [d for d in dirs if pending(d)]
-        f.seek(0)
-        f.truncate()
-        f.writelines(f"{d}\n" for d in keep)
+        if prune:
+            f.seek(0)
+            f.truncate()
+            f.writelines(f"{d}\n" for d in keep)
     return keep
 
 
@@ -198,10 +211,12 @@ def locked(spool_dir: str | Path):
 # ---------------------------------------------------------------- look-ups while the store is away
 def find_ok(spool_dirs: list[Path], config_hash: str) -> RunRecord | None:
     """A spooled cell with this config_hash that finished ok (a reuse while the store is away)."""
-    for d in spool_dirs:
-        for rec in records(d, CELL):
-            if rec.config_hash == config_hash and rec.status == "ok":
-                return rec
+    for d in spool_dirs:  # the file name carries the hash: only this cell's records are read
+        for p in sorted(Path(d).glob(f"{CELL}-*-{config_hash}.json")):
+            with contextlib.suppress(OSError, ValueError):
+                rec = read(p)
+                if rec.status == "ok":
+                    return rec
     return None
 
 
@@ -227,15 +242,10 @@ class Recorder:
     def _try(self, write: Callable[[], Any]) -> bool:
         if self.offline:
             return False
-        try:
-            write()
-            return True
-        except Exception as e:
-            if not is_outage(e):
-                raise
-            self.offline, self.rec.why = True, one_line(e)
-            self.tr.down = self.rec.why  # the next runs probe the store before they wait on it again
-            return False
+        ok, _ = attempt(self.tr, write)
+        if not ok:
+            self.offline, self.rec.why = True, self.tr.down
+        return ok
 
     def ask(self, read: Callable[[], Any], default: Any = None) -> Any:
         """A look-up in the store (a resume, a sibling's status); `default` while it is away."""

@@ -236,7 +236,7 @@ def publish_report(tr, parent: str, sweep_id: str, say=print) -> None:
     except Exception as e:  # noqa: BLE001
         if not spool.is_outage(e):
             raise
-        say(f"[attnbench] the report could not be attached to the sweep's run ({spool.one_line(e)})")
+        say(f"[attnbench] the report could not be attached to the sweep's run ({spool.outage_line(e)})")
     say(f"[attnbench] report: {Path(out) / 'report.html'}  (markdown: {Path(out) / 'report.md'})")
 
 
