@@ -7,7 +7,8 @@
 #
 #   bash scripts/outage_check.sh [OUT_DIR]          # OUTAGE_S=420 KILL_AT=4 PORT=5090 by default
 #
-# About 20 minutes on 2 cores with the defaults (16 cells of about 40 s, a 7-minute outage).
+# With the defaults (16 cells of about 63 s, a 7-minute outage) it took 29 min on a 2-core Intel Xeon
+# (2026-12-07; other tests ran beside it part of the time).
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="$(realpath -m "${1:-$repo/outputs/outage-check}")"

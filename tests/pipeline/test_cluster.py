@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -30,7 +29,7 @@ from pipeline import cluster, slurm_array
 from pipeline import record as R
 from pipeline.sweep import SWEEP_FILE
 from pipeline.tracking import Tracker
-from tests.support import REPO
+from tests.support import REPO, free_port
 
 BRIEF = ["scenario=kernel", "scenario.min_time_s=0", "scenario.noise_max_s=0", "scenario.min_repeats=2", "scenario.warmup=1",
          "scenario.warmup_s=0", "scenario.fwdbwd=false", "hydra.sweeper.report=false"]
@@ -280,18 +279,13 @@ def _parent(tr: Tracker, sweep_id: str):
     return p
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """scripts/mlflow_server.sh on a free loopback port over a fresh SQLite store, stopped (its
     process group) when the module is done."""
     d = tmp_path_factory.mktemp("cluster-server")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.update(PORT=str(port), MLFLOW_BACKEND_STORE_URI=f"sqlite:///{d / 'server.db'}",
                MLFLOW_ARTIFACTS_DESTINATION=str(d / "artifacts"), MLFLOW_WORKERS="2")

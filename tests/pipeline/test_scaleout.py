@@ -7,7 +7,6 @@ sweeps, and concurrent writers on one SQLite store. Nothing is lost, duplicated 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -96,11 +95,6 @@ def _assert_complete(parent, children, names: list[str]) -> None:
     assert {c.data.tags[R.STATUS] for c in children} == {"ok"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # ----------------------------------------------------------------------------- submitit
 
@@ -178,7 +172,7 @@ def test_tracking_server_needs_a_reachable_uri(tmp_path):
     (poison / "__init__.py").write_text("raise ImportError('mlflow imported before the tracking check')\n")
     args = ["-m", *KERNEL_GRID, "tracking=server", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
     unset = _cli(args, _env(PYTHONPATH=str(poison.parent)))
-    down = _cli(args, _env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{_free_port()}"))
+    down = _cli(args, _env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}"))
     for r, says in ((unset, "MLFLOW_TRACKING_URI"), (down, "not reachable")):
         err = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(err) == 1, r.stderr[-2000:]

@@ -190,7 +190,7 @@ def test_offline_sweep_spools_everything_then_a_sweep_replays_it_first_and_reuse
     assert offline_sweep.data.tags[R.CELLS] == "4 ok"
 
 
-@pytest.mark.slow  # about 70 s each: a live server, killed for longer than the client's retry budget
+@pytest.mark.slow  # 65-80 s each (2-core Xeon): a live server, killed for longer than the client's retry budget
 @pytest.mark.parametrize("back", ["mid-sweep", "after the sweep"])
 def test_server_down_longer_than_its_retries(tmp_path, back, monkeypatch):
     """The real `mlflow server` killed after the second cell, with the client's retries cut to a
@@ -278,7 +278,7 @@ def test_a_task_lost_on_the_cluster_is_spooled_without_overwriting_its_own_recor
     assert spool.read(p).status == "ok"
 
 
-@pytest.mark.slow  # about 40 s: SQLite's busy timeout (20 s) is waited out once
+@pytest.mark.slow  # 25 s (2-core Xeon): SQLite's busy timeout (20 s, MLflow's setting) is waited out once
 def test_a_sqlite_store_locked_beyond_its_timeout_or_on_a_full_disk_spools(tmp_path, monkeypatch):
     import sqlite3
     import subprocess

@@ -7,7 +7,6 @@ from __future__ import annotations
 import html
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ import pytest
 
 from pipeline import record as R
 from pipeline.registry import REPO_ROOT
-from tests.support import run_cli
+from tests.support import free_port, run_cli
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package")]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _chromium(*args: str) -> str:
@@ -41,7 +35,7 @@ def test_make_ui_address_opens_the_sweep_runs_with_metric_columns(tmp_path):
                  "scenario.min_repeats=2", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'mr'}",
                  "hydra.sweeper.report=false"], timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    port = _free_port()
+    port = free_port()
     # as `make ui` starts it: MLflow's app as the attnbench plugin serves it (pipeline/ui_app.py)
     ui = subprocess.Popen([str(REPO_ROOT / ".venv" / "bin" / "mlflow") if (REPO_ROOT / ".venv").exists() else "mlflow",
                            "ui", "--app-name", "attnbench", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", uri],
