@@ -105,9 +105,14 @@ def replay_dir(tr, spool_dir: str | Path, sweep_id: str | None = None, any_store
             rec.tags = tags
             open_sweeps.append((p, rec))
 
+        in_store: dict[str, bool] = {}  # parent run ids already looked up
+
         def parent_of(rec: spool.RunRecord) -> str | None:
-            if rec.parent_run_id and _get_run(tr, rec.parent_run_id):
-                return rec.parent_run_id
+            p = rec.parent_run_id
+            if p and p not in in_store:
+                in_store[p] = _get_run(tr, p) is not None
+            if p and in_store[p]:
+                return p
             if rec.sweep_id and rec.sweep_id not in sweeps:
                 found = _sweep_run(tr, rec.sweep_id)
                 if found is not None:

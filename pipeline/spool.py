@@ -239,30 +239,20 @@ class Recorder:
         if self.offline:
             rec.why = why_offline or "tracking=offline"
 
-    def _try(self, write: Callable[[], Any]) -> bool:
+    def ask(self, call: Callable[[], Any], default: Any = None) -> Any:
+        """call() in the store (a write, or a look-up such as a sibling's status); `default`
+        once the store is away for this run."""
         if self.offline:
-            return False
-        ok, _ = attempt(self.tr, write)
+            return default
+        ok, value = attempt(self.tr, call)
         if not ok:
             self.offline, self.rec.why = True, self.tr.down
-        return ok
-
-    def ask(self, read: Callable[[], Any], default: Any = None) -> Any:
-        """A look-up in the store (a resume, a sibling's status); `default` while it is away."""
-        out = [default]
-
-        def go():
-            out[0] = read()
-        self._try(go)
-        return out[0]
+        return value if ok else default
 
     def create(self, parent_run_id: str | None = None) -> str | None:
         self.rec.parent_run_id = parent_run_id
-
-        def go():
-            self.rec.run_id = self.tr.create_run(self.rec.name, self.rec.create_tags, parent_run_id,
-                                                 start_time=self.rec.start_ms)
-        self._try(go)
+        self.rec.run_id = self.ask(lambda: self.tr.create_run(self.rec.name, self.rec.create_tags, parent_run_id,
+                                                              start_time=self.rec.start_ms))
         return self.rec.run_id
 
     def log(self, params=None, tags=None, metrics=None, series=None) -> None:
@@ -271,17 +261,17 @@ class Recorder:
         r.tags.update({k: str(v) for k, v in (tags or {}).items()})
         r.metrics.update({k: float(v) for k, v in (metrics or {}).items() if v is not None})
         r.series.update({k: [float(x) for x in v] for k, v in (series or {}).items()})
-        self._try(lambda: self.tr.log(r.run_id, params=params, tags=tags, metrics=metrics, series=series,
+        self.ask(lambda: self.tr.log(r.run_id, params=params, tags=tags, metrics=metrics, series=series,
                                       timestamp_ms=r.timestamp_ms))
 
     def artifact(self, name: str, payload: Any) -> None:
         """A text file (str) or a JSON document (anything else) named `name` among the run's artifacts."""
         self.rec.artifacts[name] = {"text": payload} if isinstance(payload, str) else {"json": payload}
-        self._try(lambda: log_artifact(self.tr, self.rec.run_id, name, payload))
+        self.ask(lambda: log_artifact(self.tr, self.rec.run_id, name, payload))
 
     def end(self, status: str) -> None:
         self.rec.status, self.rec.end_ms = status, now_ms()
-        self._try(lambda: self.tr.end_run(self.rec.run_id, status, end_time=self.rec.end_ms))
+        self.ask(lambda: self.tr.end_run(self.rec.run_id, status, end_time=self.rec.end_ms))
 
     def finish(self) -> Path | None:
         """Spool the whole record if any write missed the store; the file, or None."""
