@@ -64,6 +64,11 @@ class SequenceMixer(nn.Module):
     # longest context `step` supports by itself (None: no limit beyond init_state's max_len)
     max_context: int | None = None
 
+    # device types whose kernels have a backward (training, the kernel scenario's forward+backward)
+    backward_devices: tuple[str, ...] = ("cpu", "cuda")
+    # dtype names the kernels compute in, per device type (a device not listed: every float dtype)
+    dtypes: dict[str, tuple[str, ...]] = {}
+
     # grouped-query attention: n_kv_heads < n_heads key/value heads, each shared by a group of
     # query heads (1: multi-query). False: the variant refuses it, saying why in `kv_heads_refusal`
     grouped_kv: bool = False
@@ -84,6 +89,19 @@ class SequenceMixer(nn.Module):
         self.causal = causal
         # which kernel ran in the last forward; set by every forward, recorded as the run's `backend`
         self.backend: str = "unset"
+
+    @classmethod
+    def refusal(cls, device_type: str, dtype: str, backward: bool = False) -> str | None:
+        """Why this mixer cannot run on `device_type` in `dtype` (a name: "float64"), with a
+        backward when `backward`, in one line; None when it can. Read before any compute."""
+        if device_type not in cls.devices:
+            return f"{cls.__name__} runs on {', '.join(cls.devices)} only, not {device_type}"
+        allowed = cls.dtypes.get(device_type)
+        if allowed is not None and dtype not in allowed:
+            return f"{cls.__name__} computes in {', '.join(allowed)} on {device_type}, not {dtype}"
+        if backward and device_type not in cls.backward_devices:
+            return f"{cls.__name__} has no backward on {device_type} (it has one on {', '.join(cls.backward_devices) or 'no device'})"
+        return None
 
     # --- analytic models -------------------------------------------------------
     def projection_flops(self, batch: int, seq_len: int) -> float:
