@@ -226,6 +226,11 @@ class LongformerAttention(VanillaAttention):
         self._mask_cache = (key, runs)
         return runs
 
+    def check_seq_len(self, seq_len: int) -> None:
+        super().check_seq_len(seq_len)
+        if self.global_tokens > seq_len:
+            raise ValueError(f"global_tokens={self.global_tokens} exceeds the sequence length T={seq_len}")
+
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         return self._forward(x_BTD)
 
@@ -234,8 +239,7 @@ class LongformerAttention(VanillaAttention):
         values also go into it."""
         B, T, _ = x_BTD.shape
         g = self.global_tokens
-        if g > T:
-            raise ValueError(f"global_tokens={g} exceeds the sequence length T={T}")
+        self.check_seq_len(T)
         H, K = self.n_heads, self.head_dim
         w, C, nc, L = self._geometry(T)
         q_BHTK, k_BHTK, v_BHTK = self.split_heads(x_BTD)

@@ -6,9 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from pipeline.registry import REPO_ROOT as REPO
 
 
@@ -26,21 +23,6 @@ def run_cli(args: list[str], env: dict | None = None, cwd: Path | None = None, t
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "pipeline.run", *args], cwd=cwd or REPO, env=e,
                           capture_output=True, text=True, timeout=timeout)
-
-
-class ShapeRecorder(TorchDispatchMode):
-    """Records the shape of every tensor an aten op returns (forward and backward)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes: list[tuple[str, tuple[int, ...]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append((str(func), tuple(t.shape)))
-        return out
 
 
 def table_row(section: str, *starts: str) -> str:

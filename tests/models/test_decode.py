@@ -16,15 +16,14 @@ from models.base import SequenceMixer
 from models.lm import TokenModel
 from models.longformer import LongformerAttention
 from models.performer import PerformerAttention
+from pipeline.probes import ShapeRecorder, quadratic
 from pipeline.registry import build_mixer, discover_variants, load_variant_cfg, mixer_factory
-from tests.support import ShapeRecorder
 
 VARIANTS = discover_variants()
 D, H = 32, 4
 # knobs shrunk (matched by knob name, never by variant name) so windows (w + 1 = 6 ring slots),
 # causal chunks (8) and the global tokens (2) all end mid-sequence at the lengths below
 SMALL = {"window": 5, "global_tokens": 2, "chunk_size": 8, "features": 32, "state_size": 8}
-LENGTHS = (2, 6, 7, 9, 13, 37)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -63,21 +62,8 @@ def test_every_variant_can_decode(name):
     assert m.state_bytes(1, 64) > 0
 
 
-@pytest.mark.parametrize("T", LENGTHS)
-@pytest.mark.parametrize("name", VARIANTS)
-def test_step_and_prefill_equal_the_causal_forward(name, T):
-    """Stepping every token, and prefill of a prompt then stepping, give the forward's output
-    at fp32 tolerance; splits before, at and after the window / chunk / global boundaries."""
-    m = build(name)
-    x = torch.randn(2, T, D, generator=torch.Generator().manual_seed(T))
-    with torch.no_grad():
-        y_ref = m(x)
-        for prompt in sorted({0, 1, T // 2, T - 1, T}):
-            y = decode(m, x, prompt, max_len=T + 3)
-            torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6, msg=lambda s, p=prompt: f"prompt={p}: {s}")
-    assert m.backend not in ("", "unset")
-
-
+# (prefill + steps against the causal forward at short lengths: the conformance check "decoding",
+# tests/models/test_conformance.py)
 @pytest.mark.parametrize("name", VARIANTS)
 def test_long_decode_with_the_shipped_knobs(name):
     """n = 1100 with the shipped knobs (window 512, chunks of 128 / 256 ending mid-sequence):
@@ -353,9 +339,6 @@ def test_decoding_builds_no_n_by_n_tensor(name):
             m.step(x[:, n:n + 1], st)
             m.step(x[:, n + 1:], st)
 
-    def square(rec):
-        return [(f, s) for f, s in rec.shapes if (len(s) >= 2 and min(s[-2:]) >= n) or math.prod(s) >= n * n]
-
-    assert not square(steps), m.backend
+    assert not quadratic(steps.shapes, n), m.backend
     if not m.materialises_scores:
-        assert not square(pre), m.backend
+        assert not quadratic(pre.shapes, n), m.backend

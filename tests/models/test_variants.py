@@ -1,6 +1,6 @@
-"""Tests of the sequence mixers: the contract every variant in conf/model/ keeps, each fast
-path against its slow reference (forward and gradients), bad knobs, and an honesty check that
-no variant except the exact-by-design one builds a T x T tensor.
+"""Tests of the sequence mixers: each fast path against its slow reference (forward and
+gradients), the analytic models' orders and bad knobs. The contract every variant keeps (shapes,
+causality, no T x T tensor, ...) is the conformance checks': tests/models/test_conformance.py.
 
     .venv/bin/pytest tests/test_variants.py -q
 """
@@ -17,7 +17,6 @@ from models.ssm import S4DMixer
 from models.vanilla import VanillaAttention
 from models.xformers_attn import XformersAttention, load_xformers_ops
 from pipeline.registry import build_mixer, discover_variants, load_variant_cfg
-from tests.support import ShapeRecorder
 
 VARIANTS = discover_variants()
 D, H = 32, 4
@@ -49,72 +48,7 @@ def test_discovery_lists_the_five_variants():
 
 
 # ----------------------------------------------------------------------------- contract
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("name", VARIANTS)
-def test_shape_dtype_and_backend(name, causal):
-    torch.manual_seed(0)
-    m = build(name, causal)
-    for T in (1, 7, 16, 37):  # one, odd, a power of two, a prime
-        for dtype in (torch.float32, torch.float64, torch.bfloat16):
-            mm = m.to(dtype)
-            mm.backend = "unset"
-            x = torch.randn(2, T, D, dtype=dtype)
-            y = mm(x)
-            assert y.shape == x.shape and y.dtype == dtype, (T, dtype)
-            assert torch.isfinite(y).all(), (T, dtype)
-            assert isinstance(mm.backend, str) and mm.backend not in ("", "unset"), (T, dtype)
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_causal_mode_ignores_the_future(name):
-    torch.manual_seed(0)
-    m = build(name, causal=True)
-    T = 37
-    x = torch.randn(2, T, D)
-    y = m(x)
-    for t in (0, 9, 20, 35):
-        x2 = x.clone()
-        x2[:, t + 1:] = 3 * torch.randn_like(x2[:, t + 1:])
-        y2 = m(x2)
-        torch.testing.assert_close(y2[:, : t + 1], y[:, : t + 1], rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(y2[:, t + 1:], y[:, t + 1:])  # the change did reach the future
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_bidirectional_mode_sees_the_future(name):
-    torch.manual_seed(0)
-    m = build(name, causal=False)
-    x = torch.randn(2, 37, D)
-    x2 = x.clone()
-    x2[:, 21:] += 1.0
-    assert not torch.allclose(m(x2)[:, :21], m(x)[:, :21], atol=1e-4)
-
-
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("name", VARIANTS)
-def test_gradients_reach_every_parameter(name, causal):
-    torch.manual_seed(0)
-    m = build(name, causal)
-    x = torch.randn(2, 37, D, requires_grad=True)
-    m(x).square().mean().backward()
-    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
-    for pname, p in m.named_parameters():
-        assert p.grad is not None, pname
-        assert torch.isfinite(p.grad).all(), pname
-        assert p.grad.abs().sum() > 0, pname
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_deterministic_under_a_seed(name):
-    outs = []
-    for _ in range(2):
-        torch.manual_seed(123)
-        m = build(name, causal=True)
-        x = torch.randn(2, 37, D)
-        outs.append(m(x))
-    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
-
-
+# (shapes, batch, determinism, gradients, causality, no T x T tensor: tests/models/test_conformance.py)
 @pytest.mark.parametrize("name", VARIANTS)
 def test_analytic_models_follow_the_declared_orders(name):
     m = build(name, causal=True, small=False, d=256, h=4, seq_len=1 << 16)
@@ -405,28 +339,3 @@ def test_ssm_fft_equals_recurrence(causal, T):
     y = m(x)
     assert m.backend == "fft-conv"
     torch.testing.assert_close(y, m.forward_recurrent(x), rtol=1e-4, atol=1e-5)
-
-
-# --------------------------------------------------------------- no T x T tensors
-def quadratic_tensors(m, T: int, d: int) -> list[tuple[str, tuple[int, ...]]]:
-    """Tensors with two trailing dims >= T, or as many elements as a (T, T) score matrix."""
-    x = torch.randn(1, T, d, requires_grad=True)
-    with ShapeRecorder() as rec:
-        m(x).sum().backward()
-    return [(f, s) for f, s in rec.shapes
-            if (len(s) >= 2 and min(s[-2:]) >= T) or math.prod(s) >= T * T]
-
-
-def test_recorder_catches_vanilla():
-    """Positive control: the detector does flag the variant that builds the scores."""
-    assert quadratic_tensors(VanillaAttention(64, 4), 256, 64)
-
-
-@pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("name", VARIANTS)
-def test_no_T_by_T_tensor(name, causal):
-    d, T = 64, 2048
-    m = build(name, causal, d=d, h=4, small=False, seq_len=T)  # the shipped knobs
-    if m.materialises_scores:
-        pytest.skip(f"{name} builds the scores by design")
-    assert not quadratic_tensors(m, T, d), m.backend
