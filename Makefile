@@ -74,6 +74,11 @@ compare-commits: install ## a grid at git ref BASE (a worktree) and at the worki
 	@[ -n "$(BASE)" ] || { echo "make compare-commits: give BASE=<git ref>" >&2; exit 2; }
 	$(BIN)/python -m pipeline.compare.commits --base $(BASE) --grid $(if $(filter command line environment,$(origin GRID)),$(GRID),compare) $(ARGS)
 
+.PHONY: conformance
+conformance: install ## check a mixer before benchmarking it, one line per check: make conformance TARGET=pkg.module.Class (your own, as model=custom) or MODEL=<variant> [ARGS="model.window=64 --checks causality"]; exit 1 on a failure
+	@[ -n "$(TARGET)$(MODEL)" ] || { echo "make conformance: give TARGET=pkg.module.Class or MODEL=<variant>" >&2; exit 2; }
+	$(BIN)/python -m pipeline.conformance $(if $(TARGET),model=custom model._target_=$(TARGET),model=$(MODEL)) $(ARGS)
+
 .PHONY: replay
 replay: install ## record the cells a sweep kept in its spool (store unreachable, or tracking=offline), each once: make replay [DIR=<sweep folder>] [ARGS=--uri ...]; every listed spool without DIR
 	$(BIN)/python -m pipeline.replay $(DIR) $(ARGS)
