@@ -61,7 +61,8 @@ def col(key: str, kind: str | None = None) -> str:
 
 
 # ---------------------------------------------------------------- tags: identity of a cell run
-MODEL = _tag("model", "the variant's name (conf/model/<name>.yaml)")
+MODEL = _tag("model", "the variant's name (conf/model/<name>.yaml); a user's class (model=custom): its class name, "
+                     "or the model.name given")
 SCENARIO = _tag("scenario", "what the cell measures: kernel, infer, train, full, decode")
 TASK = _tag("task", "the task's name (conf/task/)")
 STATUS = _tag("status", "the cell's outcome: one of STATUSES, or running while it runs")
@@ -97,6 +98,12 @@ SLURM_JOB_ID = _tag("slurm_job_id", "the SLURM job that ran the cell: <array job
 SLURM_CLUSTER = _tag("slurm_cluster", "the SLURM cluster of slurm_job_id (SLURM_CLUSTER_NAME)")
 HEARTBEAT = _tag("heartbeat", "unix time the run's writer last said it was alive (runs on a tracking server)")
 FP32_MATMUL = _tag("fp32_matmul", "torch's float32 matmul precision: highest is true fp32")
+# which mixer class ran and where it came from (a built-in variant's or a user's, model=custom)
+MIXER_CLASS = _tag("mixer_class", "dotted path of the mixer class that ran (the model config's _target_)")
+MIXER_FILE = _tag("mixer_file", "the source file of the mixer class's module")
+MIXER_DIST = _tag("mixer_dist", "name==version of the installed distribution the mixer's module belongs to "
+                                "(absent for a module outside every installed distribution)")
+MIXER_TAGS = (MIXER_CLASS, MIXER_FILE, MIXER_DIST)
 
 # ---------------------------------------------------------------- tags: what ran, and notes
 BACKEND = _tag("backend", "the kernel that actually ran (e.g. sdpa-flash, xformers-cutlassF)")
@@ -114,6 +121,12 @@ MATERIALISES_SCORES = _tag("materialises_scores", "the variant builds the n x n 
 TIME_ORDER = _tag("time_order", "the variant's promised time order in n, e.g. n^2")
 MEMORY_ORDER = _tag("memory_order", "the variant's promised memory order in n")
 CAPABILITY_TAGS = (EXACT, IS_ATTENTION, MATERIALISES_SCORES, TIME_ORDER, MEMORY_ORDER)
+# the variant's analytic models (flops, memory_bytes, state_bytes) it does not have: their
+# figures (analytic FLOPs and the rates from them, pre-flight's predicted memory, the analytic
+# state) are absent from the record, never guessed; a cell without memory_bytes is not judged
+# against the budget before it runs (its own process bounds an out-of-memory)
+ANALYTIC_ABSENT = _tag("analytic_absent", "comma-separated analytic models the variant lacks (flops, memory_bytes, "
+                                          "state_bytes): their figures are not recorded")
 
 # ---------------------------------------------------------------- the experiment
 # MLflow's own tag that nests a cell's run under its sweep's run
