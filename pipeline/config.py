@@ -46,7 +46,18 @@ def to_dict(cfg: DictConfig | Mapping) -> dict[str, Any]:
     else:
         d = dict(cfg)
     d.pop("hydra", None)
-    return drop_unset(d)
+    return drop_unset(_drop_unset_flags(d))
+
+
+def _drop_unset_flags(d: dict[str, Any]) -> dict[str, Any]:
+    """The capability flags a template config leaves null (conf/model/custom.yaml) are not part of
+    the cell: unset, the class's own (or SequenceMixer's default) stands."""
+    from pipeline.registry import FLAG_KEYS
+
+    model = d.get("model")
+    if isinstance(model, Mapping) and any(k in model and model[k] is None for k in FLAG_KEYS):
+        d["model"] = {k: v for k, v in model.items() if not (k in FLAG_KEYS and v is None)}
+    return d
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -121,6 +132,26 @@ def check_group_overrides(args: list[str]) -> None:
             continue  # sweeps and globs are checked by the sweeper
         if not (CONF_DIR / key / f"{value}.yaml").exists():
             raise ConfigError(f"{key}={value!r} is not a known {key}; choose one of: {', '.join(group_options(key))}")
+    _check_template_keys(args)
+
+
+def _check_template_keys(args: list[str]) -> None:
+    """A knob of a user's class (model=custom) is not in the template: Hydra adds it only with `+`,
+    and would say so in several lines; this says it in one."""
+    from omegaconf import OmegaConf
+
+    from pipeline.registry import is_template
+
+    choice = next((a.split("=", 1)[1] for a in args if a.startswith("model=")), None)
+    path = CONF_DIR / "model" / f"{choice}.yaml"
+    if choice is None or not path.exists() or not is_template(path):
+        return
+    known = set(OmegaConf.load(path))
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and key.startswith("model.") and key.split(".")[1] not in known:
+            raise ConfigError(f"{key} is a knob of your class, not a key of conf/model/{choice}.yaml: add it with "
+                              f"+{key}={value}")
 
 
 def validate(cfg: DictConfig | Mapping) -> None:

@@ -26,7 +26,7 @@ def cell_units(d: dict[str, Any]) -> float:
     cell, plus one unit of fixed cost. Only a relative measure: the calibration turns it into s."""
     n, D = int(d["seq_len"]), int(d["backbone"]["d_model"])
     B = int(d.get("batch_size", 1))
-    order = _time_order(d["model"].get("_target_", ""))
+    order = _time_order(d["model"])
     work = B * (n * D * D + n ** order * D) / 1e9
     sc, task = d["scenario"], d.get("task") or {}
     if sc.get("uses_task", True):
@@ -35,11 +35,14 @@ def cell_units(d: dict[str, Any]) -> float:
     return 1.0 + work
 
 
-def _time_order(target: str) -> float:
+def _time_order(model: dict[str, Any]) -> float:
+    """The variant's promised time order: its class's, or the config's for a plain module (model=custom)."""
+    if model.get("time_order") is not None:
+        return float(model["time_order"])
     try:
         from hydra.utils import get_class
 
-        return float(getattr(get_class(target), "time_order", 2.0))
+        return float(getattr(get_class(model.get("_target_", "")), "time_order", 2.0))
     except Exception:  # noqa: BLE001 - a test double or a bad target: the exact order is the safe guess
         return 2.0
 

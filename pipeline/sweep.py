@@ -28,11 +28,13 @@ from typing import Any
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Glob
 from omegaconf import OmegaConf
 
 from pipeline import record as R
 from pipeline import spool
 from pipeline.progress import cell_units
+from pipeline.registry import templates
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +53,11 @@ def expand_grids(parser: OverridesParser, grids: Sequence[dict[str, Any]], argum
     seen: set[tuple[str, ...]] = set()
     for grid in grids or [{}]:
         params = [f"{k}={v}" for k, v in grid.items() if _key(k) not in arg_keys] + list(arguments)
-        for job in BasicSweeper.split_arguments(parser.parse_overrides(params), None)[0]:
+        overrides = parser.parse_overrides(params)
+        for o in overrides:
+            if o.key_or_group == "model" and isinstance(o.value(), Glob):  # glob(*): the variants, not templates
+                o.value().exclude.extend(templates())
+        for job in BasicSweeper.split_arguments(overrides, None)[0]:
             ident = tuple(sorted(job))
             if ident not in seen:
                 seen.add(ident)

@@ -6,14 +6,14 @@ import importlib
 import pytest
 
 from pipeline.config import ConfigError, config_hash, family_hash, flatten, to_dict, validate
-from pipeline.registry import discover_variants, load_variant_cfg
+from pipeline.registry import discover_variants, load_variant_cfg, templates
 from tests.support import REPO, compose, run_cli
 
 
 def test_discovery_lists_conf_model():
     names = discover_variants()
-    assert names == sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml"))
-    assert "vanilla" in names
+    assert names == sorted(p.stem for p in (REPO / "conf" / "model").glob("*.yaml") if p.stem not in templates())
+    assert "vanilla" in names and "custom" not in names  # custom.yaml is a template (`_target_: ???`)
 
 
 def test_discovery_fails_loudly_on_empty(tmp_path):
