@@ -285,6 +285,86 @@ def _check_grouped_kv(model: Mapping[str, Any], bb: Mapping[str, Any]) -> None:
                           f"n_heads={bb['n_heads']} (grouped-query attention): {why}")
 
 
+def _check_model_name(model: Mapping[str, Any]) -> bool:
+    """The model config's name is its class's own: a built-in variant's name only with that
+    variant's class, and capability flags only where the class is not a built-in (torch-free).
+    Returns whether the class is a built-in variant's (known good: not imported here)."""
+    from pipeline.registry import builtin_targets
+
+    name, target = model["name"], model["_target_"]
+    if not isinstance(target, str) or target in ("", "???"):
+        raise ConfigError("model=custom needs model._target_=pkg.module.Class: the mixer class to benchmark")
+    builtins = builtin_targets()
+    if name in builtins and target != builtins[name]:
+        own = target.rpartition(".")[2]
+        raise ConfigError(f"model.name={name} is the built-in variant {builtins[name]}; to benchmark {target} use "
+                          f"model=custom model._target_={target}, under its own name ({own}) or a model.name "
+                          "no built-in variant has")
+    if target in builtins.values():
+        _refuse_flags(model, target)
+        return True
+    return False
+
+
+def _refuse_flags(model: Mapping[str, Any], target: str, cls: type | None = None) -> None:
+    """A SequenceMixer declares its capability flags itself: model.<flag> keys are refused."""
+    from pipeline.registry import FLAG_KEYS
+
+    given = [k for k in FLAG_KEYS if k in model]
+    if given:
+        declared = f" ({', '.join(f'{k}={getattr(cls, k)}' for k in given)})" if cls is not None else ""
+        raise ConfigError(f"{', '.join('model.' + k for k in given)}: {target} is a SequenceMixer and declares its "
+                          f"own capability flags{declared}; drop these keys")
+
+
+# a plain module's flags, as the config may give them: (check, what it must be)
+_FLAG_CHECKS = {
+    "exact": (lambda v: isinstance(v, bool), "true or false"),
+    "is_attention": (lambda v: isinstance(v, bool), "true or false"),
+    "materialises_scores": (lambda v: isinstance(v, bool), "true or false"),
+    "time_order": (lambda v: _is_num(v) and v > 0, "a positive number (the exponent of n)"),
+    "memory_order": (lambda v: _is_num(v) and v > 0, "a positive number (the exponent of n)"),
+}
+
+
+def _check_model_class(model: Mapping[str, Any]) -> None:
+    """A user's class (model=custom), imported (its module only, and torch with it): an nn.Module
+    whose constructor takes (d_model, n_heads, causal) and the config's knobs; a SequenceMixer
+    brings its own capability flags, a plain module takes them from the config."""
+    import inspect
+
+    from torch import nn
+
+    from models.base import SequenceMixer
+    from pipeline.registry import FLAG_KEYS, import_target
+
+    target = model["_target_"]
+    try:
+        cls = import_target(target)
+    except ValueError as e:
+        raise ConfigError(f"model._target_={target}: {e}") from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        what = (f"{cls.__name__} derives from {', '.join(b.__name__ for b in cls.__bases__)}" if isinstance(cls, type)
+                else f"a {type(cls).__name__}")
+        raise ConfigError(f"model._target_={target} is not an nn.Module subclass ({what}): a mixer is an nn.Module "
+                          "mapping (B, T, D) -> (B, T, D)")
+    if issubclass(cls, SequenceMixer):
+        _refuse_flags(model, target, cls)
+    for key in FLAG_KEYS:
+        if model.get(key) is not None and not _FLAG_CHECKS[key][0](model[key]):
+            raise ConfigError(f"model.{key} must be {_FLAG_CHECKS[key][1]}, got {model[key]!r}")
+    knobs = {k: v for k, v in model.items() if k not in ("name", *FLAG_KEYS) and not k.startswith("_")}
+    try:
+        sig = inspect.signature(cls)
+    except (TypeError, ValueError):
+        return  # no signature to read (a builtin): the constructor itself will say
+    try:
+        sig.bind(d_model=1, n_heads=1, causal=True, **knobs)
+    except TypeError as e:
+        call = ", ".join(["d_model", "n_heads", "causal", *(f"{k}={v!r}" for k, v in knobs.items())])
+        raise ConfigError(f"model._target_={target}: its constructor {cls.__name__}{sig} cannot take ({call}): {e}") from None
+
+
 def check(d: Mapping[str, Any]) -> None:
     """Check a composed cell config (a plain dict) against the schema, torch-free; raise
     ConfigError naming the first bad field."""
@@ -307,6 +387,7 @@ def check(d: Mapping[str, Any]) -> None:
     model = d.get("model") or {}
     if "name" not in model or "_target_" not in model:
         raise ConfigError("model must name a variant from conf/model/ (model.name and model._target_)")
+    builtin = _check_model_name(model)
 
     bb = d.get("backbone") or {}
     _check_section(bb, Backbone, "backbone.", "backbone")
@@ -338,6 +419,8 @@ def check(d: Mapping[str, Any]) -> None:
         check_knobs({k: v for k, v in model.items() if k not in ("name", "_target_")}, int(d["seq_len"]))
     except ValueError as e:
         raise ConfigError(f"model.{e}") from None
+    if not builtin:
+        _check_model_class(model)
     # last, since it may import the variant (torch): a scenario's own check of the whole cell
     if hasattr(cls, "check_cell"):
         try:

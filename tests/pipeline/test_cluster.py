@@ -523,8 +523,8 @@ def test_dying_tasks_are_recorded_and_the_sweeps_go_on(tmp_path, fake_slurm, ser
     env = dict(fake_slurm, MLFLOW_TRACKING_URI=server, FAKE_SLURM_KILLWAIT="30")
     env_b = dict(env, FAKE_SLURM_NO_SACCT="1", FAKE_SLURM_MINJOBAGE="0")
     # one fresh interpreter per cell: a task runs one cell, a warm fork server would only add imports
-    grid_a = [f"model._target_={VANILLA},{SLEEPY}", "seq_len=32,48", "tracking=server", "isolation=spawn"]
-    grid_b = [f"model._target_={VANILLA},{RAISING},{SLEEPY}", "seq_len=64", "tracking=server", "isolation=spawn"]
+    grid_a = ["model=custom", f"model._target_={VANILLA},{SLEEPY}", "seq_len=32,48", "tracking=server", "isolation=spawn"]
+    grid_b = ["model=custom", f"model._target_={VANILLA},{RAISING},{SLEEPY}", "seq_len=64", "tracking=server", "isolation=spawn"]
     a = sweep(tmp_path / "a", env, *grid_a)
     b = sweep(tmp_path / "b", env_b, *grid_b)
     sid_a, sid_b = _sweep_id(tmp_path / "a", a), _sweep_id(tmp_path / "b", b)
@@ -615,7 +615,7 @@ def test_real_slurm_time_limit_signal_raise_and_a_cancelled_pending_task(tmp_pat
     exp = f"real-slurm-{os.getpid()}"
     tr = Tracker(uri, exp)
     sweep_dir = tmp_path / "real"
-    proc = sweep(sweep_dir, env, f"model._target_={SLEEPY},{RAISING},{VANILLA}", "seq_len=32",
+    proc = sweep(sweep_dir, env, "model=custom", f"model._target_={SLEEPY},{RAISING},{VANILLA}", "seq_len=32",
                   f"tracking.experiment={exp}", "hydra.launcher.array_parallelism=1",
                   "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1")
     sid = _sweep_id(sweep_dir, proc)

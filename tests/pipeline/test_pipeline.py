@@ -67,7 +67,7 @@ def test_checkpointing_suffix_in_run_name(store_uri):
 )
 def test_isolated_failures_are_recorded(store_uri, target, extra, status, reason):
     exp = f"fault-{target}"
-    got = run_cell(cell(store_uri, exp, f"model._target_=tests.faults.{target}", f"model.name={target.lower()}", *extra),
+    got = run_cell(cell(store_uri, exp, "model=custom", f"model._target_=tests.faults.{target}", f"model.name={target.lower()}", *extra),
                    quiet=True)
     assert got == status
     (run,) = runs_of(store_uri, exp)
@@ -77,7 +77,7 @@ def test_isolated_failures_are_recorded(store_uri, target, extra, status, reason
 
 
 def test_oom_in_forward_backward_keeps_the_forward(store_uri):
-    got = run_cell(cell(store_uri, "oom-bwd", "model._target_=tests.faults.HugeBackward", "model.name=hugebackward",
+    got = run_cell(cell(store_uri, "oom-bwd", "model=custom", "model._target_=tests.faults.HugeBackward", "model.name=hugebackward",
                         "isolate=false"), quiet=True)
     assert got == "ok"
     (run,) = runs_of(store_uri, "oom-bwd")
@@ -150,7 +150,7 @@ def test_sweep_parent_children_resume_and_oom_skip(tmp_path):
     assert len(tr.search(f"tags.sweep_id = '{newest.data.tags[R.SWEEP_ID]}'")) == 1  # the parent only
 
     # a cell line that runs out of memory: longer lengths are skipped, pointing at the failure
-    r = run_cli(["-m", "seq_len=16,32,48", "model._target_=tests.faults.HugeAlloc", "model.name=huge",
+    r = run_cli(["-m", "seq_len=16,32,48", "model=custom", "model._target_=tests.faults.HugeAlloc", "model.name=huge",
                  "hydra.sweeper.report=false", f"hydra.sweep.dir={tmp_path / 'multirun2'}"],
                 env={**env}, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -221,7 +221,7 @@ def test_a_lower_precision_is_measured_against_float32_and_judged_for_exact_vari
 
 
 def test_an_exact_kernel_that_errs_more_than_plain_pytorch_in_bf16_fails_the_rule():
-    r = _fidelity("vanilla", "model._target_=tests.faults.SloppyInLowPrecision", "model.name=sloppy",
+    r = _fidelity("custom", "model._target_=tests.faults.SloppyInLowPrecision", "model.name=sloppy",
                   "backbone.dtype=bfloat16")
     assert r.metrics[R.QUALITY_REL_ERR_VS_FP32_REF] > 2 * r.metrics[R.QUALITY_REL_ERR_TORCH_SAME_DTYPE]
     assert r.tags[R.PRECISION_RULE].startswith("fail: "), r.tags[R.PRECISION_RULE]
