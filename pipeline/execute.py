@@ -18,6 +18,7 @@ import torch
 
 from pipeline import record as R
 from pipeline.allocator import allocator_tag
+from pipeline.analytic import analytic
 from pipeline.devices import cuda_missing, wants_cuda
 from pipeline.measure import available_memory_bytes, device_name, total_memory_bytes
 from pipeline.registry import build_mixer
@@ -96,28 +97,32 @@ def preflight(d: dict[str, Any], device: torch.device, w=None, sc=None) -> Plan:
     tags = {flag: str(getattr(mixer, flag)) for flag in R.CAPABILITY_TAGS}
     dtype_bytes = torch.empty((), dtype=getattr(torch, bb.dtype)).element_size()
     B, T = w.batch_size, w.seq_len
-    per_mixer = mixer.memory_bytes(B, T, dtype_bytes)
+    # a variant without an analytic memory model is not judged against the budget here (nothing
+    # is guessed): its own process bounds an out-of-memory, recorded as oom
+    per_mixer = analytic(mixer.memory_bytes, B, T, dtype_bytes, absent=tags)
     budget_gb = (d.get("budget") or {}).get("memory_gb")
     budget = float(budget_gb) * 2**30 if budget_gb else 0.8 * available_memory_bytes(device)
-    fwdbwd = None
+    fwdbwd = predicted = None
     if hasattr(sc, "new_tokens"):
         # decoding: every layer's state for n + k tokens, plus one prefill forward
         from pipeline.scenarios.decode import predicted_decode_bytes
 
         layers = bb.n_layers if sc.with_backbone else 1
-        predicted = predicted_decode_bytes(mixer, B, T, sc.new_tokens, dtype_bytes, n_layers=layers,
-                                           d_model=bb.d_model if sc.with_backbone else 0, mlp_ratio=bb.mlp_ratio,
-                                           vocab_size=sc.vocab_size if sc.with_backbone else 0)
-    elif not sc.uses_task:
+        state = analytic(mixer.state_bytes, B, T + sc.new_tokens, dtype_bytes, absent=tags)
+        if per_mixer is not None and state is not None:
+            predicted = predicted_decode_bytes(mixer, B, T, sc.new_tokens, dtype_bytes, n_layers=layers,
+                                               d_model=bb.d_model if sc.with_backbone else 0, mlp_ratio=bb.mlp_ratio,
+                                               vocab_size=sc.vocab_size if sc.with_backbone else 0)
+    elif per_mixer is not None and not sc.uses_task:
         # the mixer alone: the forward must fit; forward+backward (activations kept, plus their
         # gradients: about twice) is a separate phase the scenario drops, with a tag, when it would not
         predicted, fwdbwd = per_mixer, 2 * per_mixer
-    else:
+    elif per_mixer is not None:
         # every block keeps its mixer's and MLP's activations for backward; x2 for gradients
         mlp = B * T * bb.d_model * (2 * bb.mlp_ratio + 6) * dtype_bytes
         predicted = bb.n_layers * (per_mixer + mlp) * 2
     skip = None
-    if predicted > budget:
+    if predicted is not None and predicted > budget:
         skip = f"predicted peak {predicted / 2**30:.2f} GiB exceeds the memory budget {budget / 2**30:.2f} GiB"
     return Plan(budget_bytes=budget, device_memory_bytes=total_memory_bytes(device), predicted_bytes=predicted,
                 predicted_fwdbwd_bytes=fwdbwd, tags=tags, skip_reason=skip)

@@ -132,6 +132,14 @@ class Line:
             return None
         return lo, hi
 
+    def lacks(self, analytic: str) -> bool:
+        """Whether the variant has no such analytic model (`flops`, `memory_bytes`, `state_bytes`):
+        its cells' `analytic_absent` tag names it, and the figures from it are absent, not missing."""
+        col = R.col(R.ANALYTIC_ABSENT)
+        if col not in self.rows:
+            return False
+        return any(analytic in str(v).split(",") for v in self.rows[col].dropna())
+
     def flagged(self, lengths=None) -> pd.DataFrame:
         """The ok cells (at `lengths`, if given) whose timings are not `stable`."""
         return flagged(self.ok() if lengths is None else self.ok()[self.ok()[SEQ_LEN].isin(list(lengths))])

@@ -273,6 +273,9 @@ def _ratio_table(doc: Doc, exact: list[Line], others: list[Line]) -> None:
     doc.table(["line", "vs", "forward time", "fwd+bwd time", "forward peak memory"], rows)
 
 
+ABSENT = "absent"  # a figure from an analytic model the variant does not have
+
+
 def _median_metric(rows: pd.DataFrame, metric: str) -> float | None:
     col = R.col(metric)
     return float(rows[col].median()) if col in rows and rows[col].notna().any() else None
@@ -308,6 +311,10 @@ def section_theory(doc: Doc, lines: list[Line], colours: dict, out: Path) -> Non
             counted = med(R.KERNEL_FLOPS_FWD)
             peak = float(g[GEMM_PEAK].median()) if GEMM_PEAK in g else None
             mix_frac = med(R.KERNEL_MIXING_PEAK_FRACTION)
+            if ln.lacks("flops"):  # no analytic count: every figure from one is absent, never guessed
+                rows.append([ln.label, f"{int(n):,}", ABSENT, ABSENT, ABSENT, fmt(counted) if counted else "not counted",
+                             ABSENT, ABSENT, fmt(peak), ABSENT, ABSENT])
+                continue
             rows.append([ln.label, f"{int(n):,}", fmt(total), _share(proj, total, 1), _share(mix, total, 1),
                          fmt(counted) if counted else "not counted",
                          fmt(counted / total) if counted and total else "—",
@@ -323,7 +330,9 @@ def section_theory(doc: Doc, lines: list[Line], colours: dict, out: Path) -> Non
           "\"Mixing alone\" is the mixing FLOPs (for exact attention the 4·B·H·n²·d_k of QKᵀ and PV, "
           "halved when causal; for the sliding window only the (query, key) pairs of its band; "
           "for Performer its feature maps and sums; for the SSM its FFT convolution) over the "
-          "forward time minus the time of the mixer's projections run alone.")
+          "forward time minus the time of the mixer's projections run alone. "
+          f"\"{ABSENT}\": the variant has no analytic FLOP count (tag `{R.ANALYTIC_ABSENT}`, e.g. a plain module "
+          "run with model=custom), so the figures computed from one are not recorded.")
 
 
 def section_memory_wall(doc: Doc, lines: list[Line], budget_gb: float | None) -> None:

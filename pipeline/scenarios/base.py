@@ -38,7 +38,7 @@ class Plan:
 
     budget_bytes: float  # the memory budget judged against (budget.memory_gb, else 80% available)
     device_memory_bytes: float  # the device's total memory
-    predicted_bytes: float  # predicted peak of the cell (a kernel cell: one forward)
+    predicted_bytes: float | None  # predicted peak of the cell (a kernel cell: one forward); None: no analytic model
     predicted_fwdbwd_bytes: float | None = None  # a kernel cell's forward+backward, else None
     tags: dict[str, str] = field(default_factory=dict)  # the variant's capability flags
     skip_reason: str | None = None  # over budget: the cell is recorded skipped with this
@@ -53,7 +53,8 @@ class Plan:
                R.DEVICE_MEMORY_GB: round(self.device_memory_bytes / 2**30, 3)}
         if self.predicted_fwdbwd_bytes is not None:
             out[R.PREDICTED_MEM_FWDBWD_MB] = round(self.predicted_fwdbwd_bytes / 2**20, 3)
-        out[R.PREDICTED_MEM_MB] = round(self.predicted_bytes / 2**20, 3)
+        if self.predicted_bytes is not None:
+            out[R.PREDICTED_MEM_MB] = round(self.predicted_bytes / 2**20, 3)
         return out
 
 

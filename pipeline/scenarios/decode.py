@@ -173,14 +173,17 @@ def decode(sc, model_cfg: Mapping[str, Any], bb, batch: int, seq_len: int, seed:
 
     result.add_timing(R.DECODE_PREFILL_MS, prefill_t, iqr=R.DECODE_PREFILL_MS_IQR)
     per_token = result.add_timing(R.DECODE_MS_PER_TOKEN, token_t, iqr=R.DECODE_MS_PER_TOKEN_IQR).median
-    analytic = model.state_bytes(B, n + k, dtype_bytes)
+    from pipeline.analytic import analytic
+
+    state_analytic = analytic(model.state_bytes, B, n + k, dtype_bytes, absent=result.tags)  # None: absent
     m = result.metrics
     m.update({
         R.DECODE_TOKENS_PER_S: B / (per_token * 1e-3),
-        R.DECODE_STATE_MB: state.nbytes() / 2**20, R.DECODE_STATE_MB_ANALYTIC: analytic / 2**20,
-        R.DECODE_PEAK_MEM_MB: pm.peak_mb,
+        R.DECODE_STATE_MB: state.nbytes() / 2**20, R.DECODE_PEAK_MEM_MB: pm.peak_mb,
     })
-    if budget_bytes:
+    if state_analytic is not None:
+        m[R.DECODE_STATE_MB_ANALYTIC] = state_analytic / 2**20
+    if budget_bytes and state_analytic is not None:
         # every layer holds the same variant's state: the context at which they fill the budget
         ctx = mixers[0].context_for_budget(B, budget_bytes / len(mixers), dtype_bytes)
         if ctx is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from pipeline import record as R
+from pipeline.analytic import analytic
 from pipeline.measure import PeakMemory, count_flops, gemm_peak_tflops, time_calls
 from pipeline.registry import build_mixer
 from pipeline.scenarios.base import CellResult, Diverged, Plan, failure_text, is_oom, register
@@ -50,9 +51,10 @@ def run_kernel(sc: KernelScenario, w: Workload, plan: Plan, device: torch.device
     result.tags[R.MEMORY_METHOD] = pm.method
     result.note_backend(backend, [mixer])
 
-    flops = mixer.flops(B, T)
-    m.update({R.KERNEL_FLOPS_FWD_ANALYTIC: flops["total"], R.KERNEL_FLOPS_FWD_PROJECTION: flops["projection"],
-              R.KERNEL_FLOPS_FWD_MIXING: flops["mixing"]})
+    flops = analytic(mixer.flops, B, T, absent=result.tags)  # None: no analytic count, and no rates from one
+    if flops is not None:
+        m.update({R.KERNEL_FLOPS_FWD_ANALYTIC: flops["total"], R.KERNEL_FLOPS_FWD_PROJECTION: flops["projection"],
+                  R.KERNEL_FLOPS_FWD_MIXING: flops["mixing"]})
     if sc.count_flops:
         counted = count_flops(fwd)
         if counted > 0:  # 0 means the counter has no formula for the kernel that ran, not "no work"
@@ -62,8 +64,9 @@ def run_kernel(sc: KernelScenario, w: Workload, plan: Plan, device: torch.device
 
     peak = gemm_peak_tflops(device, dtype)
     result.params[R.GEMM_PEAK_TFLOPS] = round(peak, 4)
-    achieved = flops["total"] / (fwd_median * 1e-3) / 1e12
-    m.update({R.KERNEL_TFLOPS: achieved, R.KERNEL_PEAK_FRACTION: achieved / peak})
+    if flops is not None:
+        achieved = flops["total"] / (fwd_median * 1e-3) / 1e12
+        m.update({R.KERNEL_TFLOPS: achieved, R.KERNEL_PEAK_FRACTION: achieved / peak})
     samples = {"fwd_ms": fwd_t.to_dict()}
 
     # the mixing core alone: the mixer's projections (its nn.Linear layers, on inputs of this
@@ -76,9 +79,10 @@ def run_kernel(sc: KernelScenario, w: Workload, plan: Plan, device: torch.device
         result.add_timing(R.KERNEL_PROJ_MS, proj_t)
         mix_ms = fwd_median - m[R.KERNEL_PROJ_MS]
         if mix_ms > 0.05 * fwd_median:  # below that the difference is noise, not a time
-            mix_rate = flops["mixing"] / (mix_ms * 1e-3) / 1e12
-            m.update({R.KERNEL_MIX_MS: mix_ms, R.KERNEL_MIXING_TFLOPS: mix_rate,
-                      R.KERNEL_MIXING_PEAK_FRACTION: mix_rate / peak})
+            m[R.KERNEL_MIX_MS] = mix_ms
+            if flops is not None:
+                mix_rate = flops["mixing"] / (mix_ms * 1e-3) / 1e12
+                m.update({R.KERNEL_MIXING_TFLOPS: mix_rate, R.KERNEL_MIXING_PEAK_FRACTION: mix_rate / peak})
     if sc.fwdbwd and not plan.fwdbwd_fits:
         result.tags[R.FWDBWD_SKIPPED] = (f"predicted {plan.predicted_fwdbwd_bytes / 2**30:.2f} GiB "
                                          f"exceeds the budget {plan.budget_bytes / 2**30:.2f} GiB")
