@@ -23,7 +23,7 @@ from pipeline import record as R
 from pipeline.config import Cell
 from pipeline.isolation import isolation_mode, run_isolated
 from pipeline.progress import Progress
-from pipeline.registry import cache_dir
+from pipeline.registry import cache_dir, provenance
 from pipeline.scenarios.base import CellResult
 from pipeline.stability import CONTAMINATED, STABLE, disturbed
 
@@ -78,6 +78,7 @@ def run_cell(d: dict[str, Any], sweep: SweepInfo | None = None, quiet: bool = Fa
     tags = {
         R.MODEL: d["model"]["name"], R.SCENARIO: d["scenario"]["name"], R.TASK: d["task"]["name"],
         R.CONFIG_HASH: h, R.FAMILY_HASH: fam, R.STATUS: R.RUNNING, **tracking.host_tags(), **cluster.job_tags(),
+        **provenance(d["model"]["_target_"]),  # which class runs, from which file and distribution
     }
     if sweep:
         tags[R.SWEEP_ID] = sweep.sweep_id
