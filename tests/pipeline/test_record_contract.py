@@ -46,7 +46,7 @@ def _sweep(tmp_path, *args: str) -> dict[str, dict]:
 TRUST_METRICS = {name for m in R.TIMED for name in (*R.ci_names(m), R.left_out_name(m))}
 ADDED = {"metrics": {R.CELL_SCENARIO_S, R.CELL_OVERHEAD_S, R.TRAIN_LOSS_FALL, R.CELL_ATTEMPTS, R.CELL_ATTEMPT,
                      R.CELL_OTHERS_CORES, R.CELL_STEAL_FRAC} | TRUST_METRICS,
-         "tags": {R.ISOLATION, R.STABILITY, R.STABILITY_REASON},
+         "tags": {R.ISOLATION, R.STABILITY, R.STABILITY_REASON, *R.MIXER_TAGS, R.ANALYTIC_ABSENT},
          "params": {R.ISOLATION, "model.norm_cap", "remeasure", "remeasure_pause_s", "rounds", "scenario.noise_target",
                     "scenario.noise_max_s"}}
 # cells whose measurement changed since: a new config_hash, so an old store never hands their
