@@ -41,6 +41,7 @@ class PlainMixer(SequenceMixer):
         self.register_load_state_dict_pre_hook(_add_inner_prefix)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        self.backend = type(self.inner).__name__  # set by every forward, as every mixer's is
         y_BTD = self.inner(x_BTD)
         if not isinstance(y_BTD, torch.Tensor) or y_BTD.shape != x_BTD.shape:
             got = tuple(y_BTD.shape) if isinstance(y_BTD, torch.Tensor) else type(y_BTD).__name__

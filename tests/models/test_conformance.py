@@ -107,3 +107,24 @@ def test_the_command_line_prints_a_line_per_check_and_its_exit_status(capsys):
     assert out[3].startswith("2 passed, 0 failed")
     assert main(["model=vanilla", "--checks", "nosuch"]) == 2
     assert "unknown check(s) nosuch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target,flags", [
+    ("examples.my_attention.MyAttention", ["model.exact=true", "model.memory_order=1"]),
+    ("examples.local_attention_mixer.LocalAttentionMixer", ["+model.window=32", "model.time_order=1", "model.memory_order=1"]),
+])
+def test_the_examples_conform(target, flags, capsys):
+    """The documented examples (docs/custom_attention.md), a plain nn.Module each, through
+    model=custom: every check but the timed one passes."""
+    checks = ",".join(c for c in CHECKS if c != "time-order")
+    assert main(["model=custom", f"model._target_={target}", *flags, "--checks", checks]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"conformance of {target} as model={target.rpartition('.')[2]}" in out and " 0 failed" in out
+
+
+def test_a_users_broken_mixer_fails_on_the_command_line(capsys):
+    assert main(["model=custom", "model._target_=tests.faults.PeeksAhead", "--checks", "shapes,causality"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:2] == ["pass", "shapes"]
+    assert lines[2].split()[:2] == ["fail", "causality"] and "the mixer sees the future" in lines[2]
+    assert lines[3].startswith("1 passed, 1 failed")
