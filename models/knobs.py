@@ -23,6 +23,7 @@ KNOBS: dict[str, Knob] = {
     "global_tokens": Knob(0, "g leading positions that attend to and are attended by every position",
                           at_most_seq_len=True),
     "chunk_size": Knob(1, "query block (longformer) or causal chunk (performer) per fused call"),
+    "block_size": Knob(16, "query and key block of FlexAttention's block mask (flex)"),
     "features": Knob(1, "M random features of FAVOR+"),
     "state_size": Knob(2, "N, the SSM's state size (N/2 complex modes)", even=True),
 }
