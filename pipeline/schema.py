@@ -365,9 +365,48 @@ def _check_model_class(model: Mapping[str, Any]) -> None:
         raise ConfigError(f"model._target_={target}: its constructor {cls.__name__}{sig} cannot take ({call}): {e}") from None
 
 
+def _check_refusal(d: Mapping[str, Any]) -> None:
+    """A cell its mixer says it cannot run (`SequenceMixer.refusal`), in one line before any
+    compute: training (a scenario with training steps on a task that trains) on a device where
+    the mixer has no backward, or a dtype it does not compute in there (backbone.dtype; float32
+    too where a task's model is built, whose parameters are float32). The kernel scenario's
+    forward+backward is not refused here: that cell records it skipped. Imports the variant's
+    class, and torch with it."""
+    from hydra.utils import get_class
+
+    from pipeline.devices import wants_cuda
+
+    model, sc = d["model"], d["scenario"]
+    try:
+        cls = get_class(model["_target_"])
+    except Exception:  # noqa: BLE001 - an unimportable target is reported where the cell builds it
+        return
+    refusal = getattr(cls, "refusal", None)
+    if refusal is None:
+        return
+    uses_task = bool(sc.get("uses_task", True))
+    backward = uses_task and issubclass(SCENARIOS[sc["name"]], _Steps) and _task_trains(d.get("task") or {})
+    device = "cuda" if wants_cuda(d) else "cpu"
+    dtype = str((d.get("backbone") or {}).get("dtype", "float32"))
+    for dt in dict.fromkeys([dtype, "float32"] if uses_task else [dtype]):
+        why = refusal(device, dt, backward=backward)
+        if why is not None:
+            what = f"scenario={sc['name']}" + (f" task={d['task'].get('name')}" if uses_task and d.get("task") else "")
+            raise ConfigError(f"model={model.get('name')} cannot run {what} on {device}: {why}")
+
+
+def _task_trains(task: Mapping[str, Any]) -> bool:
+    """Whether the cell's task trains a model (a backward); an unknown task is reported where it is built."""
+    from pipeline.tasks import task_classes
+
+    cls = task_classes().get(task.get("name"))
+    return bool(getattr(cls, "trains", True)) if cls is not None else False
+
+
 def check(d: Mapping[str, Any]) -> None:
-    """Check a composed cell config (a plain dict) against the schema, torch-free; raise
-    ConfigError naming the first bad field."""
+    """Check a composed cell config (a plain dict) against the schema; raise ConfigError naming
+    the first bad field. Torch-free up to the checks that need the variant's class (grouped heads,
+    the scenario's own check, the mixer's refusal), which come last."""
     from models.knobs import check_knobs
 
     root = {k: v for k, v in d.items() if k not in GROUPS}
@@ -427,6 +466,7 @@ def check(d: Mapping[str, Any]) -> None:
             cls.check_cell(d)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+    _check_refusal(d)
 
 
 # ----------------------------------------------------------------------------- typed sections
