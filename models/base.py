@@ -64,6 +64,9 @@ class SequenceMixer(nn.Module):
     # longest context `step` supports by itself (None: no limit beyond init_state's max_len)
     max_context: int | None = None
 
+    # runs only under torch.compile: probes in the dispatcher (a shape recorder, a FLOP counter)
+    # cannot see inside its kernels, so its memory is observed by the process's peak instead
+    runs_compiled: bool = False
     # device types whose kernels have a backward (training, the kernel scenario's forward+backward)
     backward_devices: tuple[str, ...] = ("cpu", "cuda")
     # dtype names the kernels compute in, per device type (a device not listed: every float dtype)

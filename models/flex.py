@@ -132,6 +132,7 @@ class FlexWindowAttention(LongformerAttention):
     time_order = 1.0
     memory_order = 1.0
     grouped_kv = True
+    runs_compiled = True  # uncompiled, flex_attention is a dense reference (see the module's docstring)
     backward_devices = ("cuda",)  # FlexAttention has no CPU backward (NotImplementedError)
     dtypes = {"cpu": ("float32", "bfloat16", "float16")}  # inductor's CPU template: no float64
 

@@ -12,6 +12,17 @@ from pipeline.conformance.__main__ import main
 from pipeline.registry import build_mixer, discover_variants, load_variant_cfg
 
 VARIANTS = discover_variants()
+
+
+def _compiled(name: str) -> bool:
+    from hydra.utils import get_class
+
+    return bool(getattr(get_class(load_variant_cfg(name)["_target_"]), "runs_compiled", False))
+
+
+# a variant that runs only compiled pays a compile for each new shape (3-20 s on 2 cores): its
+# checks go to the slow suite; its own tests (test_flex.py) keep a fast share
+PARAMS = [pytest.param(n, marks=pytest.mark.slow) if _compiled(n) else n for n in VARIANTS]
 # knobs shrunk (matched by knob name, never by variant name) so windows, chunks and global tokens
 # end inside the behavioural checks' short lengths (7, 37, 260)
 SMALL = {"window": 5, "global_tokens": 2, "chunk_size": 8, "features": 32, "state_size": 8}
@@ -33,7 +44,7 @@ def fault(cls: str) -> Subject:
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", PARAMS)
 @pytest.mark.parametrize("check", BEHAVIOUR)
 def test_every_variant_conforms(check, name, causal):
     out = run_check(check, subject(name, causal))
@@ -46,7 +57,7 @@ def test_every_variant_conforms(check, name, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", PARAMS)
 @pytest.mark.parametrize("check", ["no-TxT", "memory-order"])
 def test_every_variant_keeps_its_cost_claims(check, name, causal):
     """The shipped knobs at T = 2048 (no T x T tensor) and 1024 ... 4096 (memory exponent, from the
