@@ -19,8 +19,9 @@ from models.base import repeat_kv
 from models.flex import FlexWindowAttention, block_pattern, window_block_mask
 from models.longformer import LongformerAttention
 from pipeline.config import ConfigError, to_dict
+from pipeline.probes import ShapeRecorder, quadratic
 from pipeline.schema import check
-from tests.support import ShapeRecorder, compose
+from tests.support import compose
 
 D, H = 32, 4
 
@@ -102,8 +103,7 @@ def test_no_T_by_T_tensor_at_2048():
     window_block_mask.cache_clear()
     with ShapeRecorder() as rec:
         mask = window_block_mask(T, 512, 16, True, 128, "cpu", True)  # with the backward's tables too
-    quadratic = [(f, s) for f, s in rec.shapes if (len(s) >= 2 and min(s[-2:]) >= T) or math.prod(s) >= T * T]
-    assert rec.shapes and not quadratic, quadratic
+    assert rec.shapes and not quadratic(rec.shapes, T), quadratic(rec.shapes, T)
     assert mask.kv_indices.shape == (1, 1, T // 128, T // 128)
 
     m = flex(window=512, global_tokens=16, block_size=128, d=d, h=h).eval()
