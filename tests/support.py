@@ -25,6 +25,25 @@ def run_cli(args: list[str], env: dict | None = None, cwd: Path | None = None, t
                           capture_output=True, text=True, timeout=timeout)
 
 
+def runs_compiled(name: str) -> bool:
+    """Whether the variant runs only compiled (a compile for each new shape: 3-20 s on 2 cores)."""
+    from hydra.utils import get_class
+
+    from pipeline.registry import load_variant_cfg
+
+    return bool(getattr(get_class(load_variant_cfg(name)["_target_"]), "runs_compiled", False))
+
+
+def variant_params() -> list:
+    """Every discovered variant as a pytest parameter; a variant that runs only compiled goes to
+    the slow suite (its own tests keep a fast share), so `make test` stays in its time."""
+    import pytest
+
+    from pipeline.registry import discover_variants
+
+    return [pytest.param(n, marks=pytest.mark.slow) if runs_compiled(n) else n for n in discover_variants()]
+
+
 def table_row(section: str, *starts: str) -> str:
     """The Markdown table row of a report section whose first cells are `starts`."""
     for line in section.splitlines():

@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from models.blocks import Block
 from models.lm import TokenModel
 from pipeline.registry import CONF_DIR, discover_variants, mixer_factory
+from tests.support import variant_params
 
 T = 32
 VARIANTS = discover_variants()
@@ -99,7 +100,7 @@ def test_checkpoint_recomputes_only_when_training_with_grad():
     assert mixer.calls == 1
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", variant_params())
 def test_token_model_is_causal(name):
     """Changing the last token leaves every earlier position's output untouched."""
     model = _model(name, ckpt=False).eval()

@@ -10,19 +10,11 @@ import pytest
 from pipeline.conformance import CHECKS, Subject, run_check
 from pipeline.conformance.__main__ import main
 from pipeline.registry import build_mixer, discover_variants, load_variant_cfg
+from tests.support import variant_params
 
 VARIANTS = discover_variants()
 
-
-def _compiled(name: str) -> bool:
-    from hydra.utils import get_class
-
-    return bool(getattr(get_class(load_variant_cfg(name)["_target_"]), "runs_compiled", False))
-
-
-# a variant that runs only compiled pays a compile for each new shape (3-20 s on 2 cores): its
-# checks go to the slow suite; its own tests (test_flex.py) keep a fast share
-PARAMS = [pytest.param(n, marks=pytest.mark.slow) if _compiled(n) else n for n in VARIANTS]
+PARAMS = variant_params()  # a variant that runs only compiled: in the slow suite
 # knobs shrunk (matched by knob name, never by variant name) so windows, chunks and global tokens
 # end inside the behavioural checks' short lengths (7, 37, 260)
 SMALL = {"window": 5, "global_tokens": 2, "chunk_size": 8, "features": 32, "state_size": 8}

@@ -19,6 +19,7 @@ from models.longformer import LongformerAttention
 from models.performer import PerformerAttention
 from pipeline.probes import ShapeRecorder, quadratic
 from pipeline.registry import build_mixer, discover_variants, load_variant_cfg, mixer_factory
+from tests.support import variant_params
 
 VARIANTS = discover_variants()
 D, H = 32, 4
@@ -65,7 +66,7 @@ def test_every_variant_can_decode(name):
 
 # (prefill + steps against the causal forward at short lengths: the conformance check "decoding",
 # tests/models/test_conformance.py)
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", variant_params())
 def test_long_decode_with_the_shipped_knobs(name):
     """n = 1100 with the shipped knobs (window 512, chunks of 128 / 256 ending mid-sequence):
     stepping from the start and after a 700-token prefill stay within fp32 tolerance of the
@@ -221,7 +222,7 @@ def test_xformers_step_names_its_kernel_and_why_not_xformers():
 
 
 # --------------------------------------------------------------------------- backbone
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", variant_params())
 def test_token_model_decodes_as_it_forwards(name):
     """Embedding (token, previous token, learned position) -> blocks -> head, step by step,
     equals the full forward's logits; greedy decoding equals re-running the forward."""
