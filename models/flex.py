@@ -159,8 +159,7 @@ class FlexWindowAttention(LongformerAttention):
         values also go into it (the Longformer ring buffer)."""
         B, T, _ = x_BTD.shape
         g = self.global_tokens
-        if g > T:
-            raise ValueError(f"global_tokens={g} exceeds the sequence length T={T}")
+        self.check_seq_len(T)
         self._refuse(x_BTD)
         q_BHTK, k_BhTK, v_BhTK = self.split_heads(x_BTD)  # h = n_kv_heads key/value heads
         if state is not None:

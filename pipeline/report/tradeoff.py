@@ -356,10 +356,15 @@ def section_tradeoff(doc: Doc, cells: pd.DataFrame, qgroups: pd.DataFrame, colou
         doc.table(["setting", "exact", metric, "Δ vs best exact", base.iloc[0] if len(base) else "baseline"]
                   + (["loss fall, last ¼ of steps"] if show_fall else [])
                   + [f"{h} / exact" for _, _, h in COSTS], rows)
-        missing = g[~np.isfinite(g["fwdbwd_ms"].astype(float))]["label"].tolist()
+        costs = np.isfinite(g[[c for c, _, _ in COSTS]].astype(float))
+        missing = g[~costs.any(axis=1)]["label"].tolist()
         if missing:
             notes.append(f"{task}, n = {n:,}: no ok kernel cell of the same setting for "
                          f"{', '.join(missing)} (no cost ratios)")
+        forward_only = g[costs["fwd_ms"] & ~costs["fwdbwd_ms"]]["label"].tolist()
+        if forward_only:
+            notes.append(f"{task}, n = {n:,}: {', '.join(forward_only)}: forward only (its kernel cells have no "
+                         "forward+backward figure; section 6 says why), so no time-per-token point")
     if notes:
         doc.bullets(notes)
 
