@@ -2,7 +2,7 @@
 hold the built-in variants (tests/models/test_conformance.py runs them on each) and a user's own
 mixer to one standard.
 
-    python -m pipeline.conformance model=custom model._target_=my_pkg.mixers.Windowed [model.window=64]
+    python -m pipeline.conformance model=custom model._target_=my_pkg.mixers.Windowed [+model.window=64]
     python -m pipeline.conformance model=longformer model.window=32 --checks causality,decoding
     make conformance TARGET=my_pkg.mixers.Windowed      # or MODEL=vanilla
 
@@ -22,10 +22,13 @@ an approximate mixer) or `skip` with why; exit status 1 when any check fails, 2 
   at >= t change, at t on both sides of block boundaries (8, 64, 128, 256); a bidirectional one
   must see the future;
 - no-TxT: no op returns a T x T tensor at T = 2048 (forward and backward) unless the mixer
-  declares `materialises_scores`;
-- memory-order, time-order: the exponents of activation bytes (forward with autograd on) and of
-  forward time over T = 1024, 2048, 4096 at most the declared `memory_order` + 0.2 and
-  `time_order` + 0.3 (time is a measurement on a shared machine: a narrow miss is worth a rerun);
+  declares `materialises_scores`; a mixer that runs only compiled (`runs_compiled`), whose
+  kernels the dispatcher cannot see into, peaks below a quarter of one T x T score tensor;
+- memory-order, time-order: the exponents of the peak bytes held by op outputs (forward and
+  backward; the process's peak for a mixer that runs only compiled) and of forward time (fastest
+  of interleaved rounds) over T = 1024, 2048, 4096, between the two longest, at most the declared
+  `memory_order` + 0.2 and `time_order` + 0.3 (time is a measurement on a shared machine: a narrow
+  miss is worth a rerun; `python -m pipeline.conformance` runs under the cells' allocator setup);
 - decoding (a causal mixer with `step`): prefill + steps equal the causal forward, and the
   state's bytes equal `state_bytes`.
 

@@ -55,5 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if counts["fail"] else 0
 
 
+def _with_allocator_setup() -> None:
+    """Run again under the allocator setup every measuring process uses (pipeline/allocator.py),
+    which the C library and torch read at start: the timed checks then time what cells time."""
+    import os
+    import sys
+
+    from pipeline.allocator import ALLOCATOR_ENV
+
+    if any(os.environ.get(k) != v for k, v in ALLOCATOR_ENV.items()):
+        os.execve(sys.executable, [sys.executable, "-m", "pipeline.conformance", *sys.argv[1:]],
+                  {**os.environ, **ALLOCATOR_ENV})
+
+
 if __name__ == "__main__":
+    _with_allocator_setup()
     raise SystemExit(main())
