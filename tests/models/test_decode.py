@@ -22,6 +22,7 @@ from pipeline.registry import build_mixer, discover_variants, load_variant_cfg, 
 from tests.support import variant_params
 
 VARIANTS = discover_variants()
+PARAMS = variant_params()  # a variant that runs only compiled: its cases in the slow suite
 D, H = 32, 4
 # knobs shrunk (matched by knob name, never by variant name) so windows (w + 1 = 6 ring slots),
 # causal chunks (8) and the global tokens (2) all end mid-sequence at the lengths below
@@ -55,7 +56,7 @@ def decode(m: SequenceMixer, x: torch.Tensor, prompt: int, max_len: int | None =
 
 
 # ----------------------------------------------------------------------------- contract
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", PARAMS)
 def test_every_variant_can_decode(name):
     """A new variant without step fails here, by name."""
     m = build(name)
@@ -81,7 +82,7 @@ def test_long_decode_with_the_shipped_knobs(name):
             torch.testing.assert_close(decode(m, x, prompt), y_ref)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", PARAMS)
 def test_decoding_in_float64(name):
     m = build(name)
     if why := m.refusal("cpu", "float64"):
@@ -92,7 +93,7 @@ def test_decoding_in_float64(name):
         torch.testing.assert_close(decode(m, x, 5), m(x))
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", PARAMS)
 def test_measured_state_equals_the_analytic_size(name):
     m = build(name)
     for B, max_len in ((1, 1), (2, 5), (3, 40)):
@@ -104,7 +105,7 @@ def test_measured_state_equals_the_analytic_size(name):
                        for t in st.tensors.values())
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", PARAMS)
 def test_constant_state_flag_matches_the_size_formula(name):
     m = build(name, small=False, d=256, h=4)
     a, b = m.state_bytes(1, 1 << 16), m.state_bytes(1, 1 << 17)
@@ -119,14 +120,14 @@ def test_constant_state_flag_matches_the_size_formula(name):
     assert m.context_for_budget(1, 0.5) == 0
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", PARAMS)
 def test_bidirectional_mixer_refuses_to_decode(name):
     m = build(name, causal=False)
     with pytest.raises(ValueError, match="needs a causal mixer: .*causal=False"):
         m.init_state(1, 8)
 
 
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", PARAMS)
 def test_step_past_max_len_and_other_misuse(name):
     m = build(name)
     x = torch.randn(1, 4, D)
@@ -269,7 +270,7 @@ def _cell(name: str, **scenario) -> dict:
 
 
 @pytest.mark.parametrize("with_backbone", [False, True], ids=["mixer", "backbone"])
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", PARAMS)
 def test_decode_scenario_records_its_figures(name, with_backbone):
     from pipeline import record as R
     from pipeline.execute import preflight
@@ -328,7 +329,7 @@ def test_check_decode_names_a_variant_without_step_and_a_context_limit(monkeypat
 
 
 # ----------------------------------------------------------------- no n x n in decoding
-@pytest.mark.parametrize("name", VARIANTS)
+@pytest.mark.parametrize("name", PARAMS)
 def test_decoding_builds_no_n_by_n_tensor(name):
     """Prefill of n tokens and steps after it, with the shipped knobs: no tensor with two
     trailing dims >= n or as many elements as an n x n matrix, unless the variant's forward

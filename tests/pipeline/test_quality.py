@@ -12,10 +12,11 @@ from hydra import compose, initialize_config_dir
 from pipeline import record as R
 from pipeline.config import to_dict
 from pipeline.execute import preflight
-from pipeline.registry import CONF_DIR, discover_variants
+from pipeline.registry import CONF_DIR
 from pipeline.scenarios import quality
 from pipeline.scenarios.base import CellResult, Diverged
 from pipeline.schema import scenario_section, workload
+from tests.support import variant_params
 
 SMALL_MQAR = ["task=mqar", "task.num_pairs=2", "task.num_keys=8", "task.num_values=8", "task.val_samples=64",
               "seq_len=32", "task.train.batch_size=16", "task.train.warmup_steps=5"]
@@ -156,7 +157,7 @@ def _fidelity(name: str, *extra: str) -> CellResult:
     return run(quality.run_train, cfg)
 
 
-@pytest.mark.parametrize("name", discover_variants())
+@pytest.mark.parametrize("name", variant_params())
 def test_fidelity_per_variant(name):
     from pipeline.registry import build_mixer
 
@@ -207,7 +208,7 @@ def test_fidelity_refuses_mismatched_weights():
         copy_shared_weights(nn.Sequential(nn.Linear(4, 4)), Other())
 
 
-@pytest.mark.parametrize("name", discover_variants())
+@pytest.mark.parametrize("name", variant_params())
 def test_a_lower_precision_is_measured_against_float32_and_judged_for_exact_variants(name):
     r = _fidelity(name, "backbone.dtype=bfloat16")
     err, base = r.metrics[R.QUALITY_REL_ERR_VS_FP32_REF], r.metrics[R.QUALITY_REL_ERR_TORCH_SAME_DTYPE]
