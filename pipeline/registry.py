@@ -48,10 +48,21 @@ FLAG_KEYS = R.CAPABILITY_TAGS
 _META_KEYS = ("name", *FLAG_KEYS)
 
 
+@functools.lru_cache(maxsize=256)
+def _model_yaml(path: str, mtime_ns: int) -> tuple[bool, str]:
+    """(is a template, its `_target_`) of a model config, read once per version of the file."""
+    cfg = OmegaConf.load(path)
+    template = "_target_" not in cfg or OmegaConf.is_missing(cfg, "_target_")
+    return template, "" if template else str(cfg["_target_"])
+
+
+def _read(path: Path) -> tuple[bool, str]:
+    return _model_yaml(str(path), path.stat().st_mtime_ns)
+
+
 def is_template(path: Path) -> bool:
     """A model config that is not a variant: its `_target_` is left for the command line (`???`)."""
-    cfg = OmegaConf.load(path)
-    return "_target_" not in cfg or OmegaConf.is_missing(cfg, "_target_")
+    return _read(path)[0]
 
 
 def _model_configs(conf_dir: Path) -> list[Path]:
@@ -74,8 +85,7 @@ def templates(conf_dir: Path = CONF_DIR) -> list[str]:
 
 def builtin_targets(conf_dir: Path = CONF_DIR) -> dict[str, str]:
     """Each variant's name and the class its config names (`_target_`), torch-free."""
-    return {name: str(OmegaConf.load(conf_dir / "model" / f"{name}.yaml")["_target_"])
-            for name in discover_variants(conf_dir)}
+    return {name: _read(conf_dir / "model" / f"{name}.yaml")[1] for name in discover_variants(conf_dir)}
 
 
 def import_target(target: str) -> Any:
