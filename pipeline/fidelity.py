@@ -40,6 +40,18 @@ def effective_keys(q_BHTK: torch.Tensor, k_BHTK: torch.Tensor, causal: bool, chu
     return total / (B * H * T)
 
 
+def calibrated(reference, x_BTD: torch.Tensor, score_std: float, calib_tokens: int = 1024) -> torch.Tensor:
+    """x scaled so that the reference's scores q.k/sqrt(K) have standard deviation `score_std`
+    (measured on its first `calib_tokens` positions). Scores are bilinear in x (the projections
+    have no bias by default), so scaling x by s scales them by s^2."""
+    from models.base import grouped_scores
+
+    with torch.no_grad():
+        q_BHTK, k_BhTK, _ = reference.split_heads(x_BTD[:, :calib_tokens])
+        std0 = float(grouped_scores(q_BHTK, k_BhTK).std() / math.sqrt(reference.head_dim))
+    return x_BTD * math.sqrt(score_std / std0)
+
+
 class Fidelity(Task):
     """How far a mixer's output is from exact attention with the same weights on the same input.
 
@@ -80,12 +92,7 @@ class Fidelity(Task):
         """x_BTD with the score standard deviation calibrated on the reference's projections."""
         g = torch.Generator().manual_seed(_stream_seed(seed, "fidelity"))
         x_BTD = torch.randn(batch, seq_len, reference.d_model, generator=g).to(device)
-        with torch.no_grad():
-            q_BHTK, k_BHTK, _ = reference.split_heads(x_BTD[:, : self.calib_tokens])
-            std0 = float((q_BHTK @ k_BHTK.transpose(-2, -1)).std() / math.sqrt(reference.head_dim))
-        # scores are bilinear in x (the projections have no bias by default), so scaling x by s
-        # scales them by s^2
-        return x_BTD * math.sqrt(self.score_std / std0)
+        return calibrated(reference, x_BTD, self.score_std, self.calib_tokens)
 
     def evaluate(self, reference, variant, x_BTD: torch.Tensor) -> dict[str, float]:
         """Metrics of `variant` against `reference` (already holding the same weights) on x."""

@@ -12,6 +12,7 @@ from pipeline.conformance.subject import LEAK, Outcome, Subject, _moved, dtype_n
 from pipeline.fidelity import (
     PRECISION_FACTOR,
     PRECISION_FLOOR,
+    calibrated,
     copy_shared_weights,
     uniform_average,
     within_rule,
@@ -97,11 +98,8 @@ def _exact_reference(s: Subject, T: int):
 
     torch.manual_seed(1)
     ref = VanillaAttention(s.d_model, s.n_heads, causal=s.causal, n_kv_heads=s.n_kv_heads).to(s.device)
-    x = s.x(2, T)
-    with torch.no_grad():  # scale x so the scores have std ~2, far from uniform (pipeline/fidelity.py says why)
-        q, k, _ = ref.split_heads(x)
-        std0 = float((q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-2, -1)).std() / math.sqrt(ref.head_dim))
-    return ref, copy.deepcopy(ref).double(), x * math.sqrt(2.0 / std0)
+    x = calibrated(ref, s.x(2, T), score_std=2.0)  # far from uniform attention (pipeline/fidelity.py says why)
+    return ref, copy.deepcopy(ref).double(), x
 
 
 def _forward(m, x, dtype, g=None):

@@ -10,33 +10,22 @@ on-disk cache), so the cases share shapes where they can.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from models.base import repeat_kv
 from models.flex import FlexWindowAttention, block_pattern, window_block_mask
 from models.longformer import LongformerAttention
 from pipeline.config import ConfigError, to_dict
 from pipeline.probes import ShapeRecorder, quadratic
 from pipeline.schema import check
+from tests.models.test_variants import dense_longformer
 from tests.support import compose
 
 D, H = 32, 4
 
 
 def dense_pattern(m, x_BTD: torch.Tensor) -> torch.Tensor:
-    """Longformer's pattern (models/longformer.py docstring) as a dense (T, T) mask over exact
-    scores, key/value heads repeated: the reference, built here only."""
-    q, k, v = m.split_heads(x_BTD)
-    k, v = repeat_kv(k, m.n_heads), repeat_kv(v, m.n_heads)
-    T, w, g = x_BTD.shape[1], m.window, m.global_tokens
-    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
-    glob = (i < g) | (j < g)
-    ok = (j <= i) & ((i - j <= w) | glob) if m.causal else ((i - j).abs() <= w) | glob
-    s = (q @ k.transpose(-2, -1)) / math.sqrt(m.head_dim)
-    return m.merge_heads(s.masked_fill(~ok, float("-inf")).softmax(-1) @ v)
+    return dense_longformer(m, x_BTD)[0]  # the pattern as a dense mask, Longformer's reference
 
 
 def flex(causal=True, window=5, global_tokens=3, block_size=16, n_kv_heads=None, d=D, h=H):

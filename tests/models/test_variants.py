@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+from models.base import repeat_kv
 from models.longformer import LongformerAttention, pattern_pairs
 from models.performer import PerformerAttention, decayed_prefix
 from models.ssm import S4DMixer
@@ -173,8 +174,10 @@ def test_xformers_build_note_enables_pytorch_backed_operators(monkeypatch):
 
 # ---------------------------------------------------------------------- longformer
 def dense_longformer(m: LongformerAttention, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The pattern of the docstring as a dense (T, T) mask over vanilla scores (reference only)."""
+    """The pattern of the docstring as a dense (T, T) mask over vanilla scores, key/value heads
+    repeated (reference only; tests/models/test_flex.py holds FlexAttention to it too)."""
     q, k, v = m.split_heads(x)
+    k, v = repeat_kv(k, m.n_heads), repeat_kv(v, m.n_heads)
     T, w, g = x.shape[1], m.window, m.global_tokens
     i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
     glob = (i < g) | (j < g)
